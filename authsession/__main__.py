@@ -1,0 +1,5 @@
+"""``python -m authsession``."""
+
+from authsession.cli import main
+
+raise SystemExit(main())

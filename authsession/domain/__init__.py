@@ -1,0 +1,1 @@
+"""Pure domain rules: no FastAPI, Redis or httpx in here."""

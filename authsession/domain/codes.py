@@ -1,0 +1,54 @@
+"""Secrets: login codes, their salted HMAC, identifiers and session tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+CODE_DIGITS = 6
+ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+USER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+CODE_PATTERN = r"^[0-9]{6}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def generate_code() -> str:
+    """A uniformly random 6-digit code from the OS CSPRNG."""
+    return f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+
+
+def new_salt() -> str:
+    """A fresh 128-bit salt, hex."""
+    return secrets.token_hex(16)
+
+
+def code_hmac(salt: str, code: str) -> str:
+    """HMAC-SHA-256 of the code keyed by the challenge's salt, hex."""
+    return hmac.new(bytes.fromhex(salt), code.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def code_matches(salt: str, code: str, expected_hmac: str) -> bool:
+    """Constant-time check of a code against its stored HMAC."""
+    return hmac.compare_digest(code_hmac(salt, code), expected_hmac)
+
+
+def new_id() -> str:
+    """An opaque URL-safe identifier with 192 bits from the CSPRNG (32 characters)."""
+    return secrets.token_urlsafe(24)
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` has the contract's identifier form."""
+    return _ID_RE.match(value) is not None
+
+
+def new_session_token(device_session_id: str) -> str:
+    """``<device_session_id>.<secret>`` with a 256-bit secret."""
+    return f"{device_session_id}.{secrets.token_urlsafe(32)}"
+
+
+def token_sha256(token: str) -> str:
+    """Hex SHA-256 of a whole session token: what the projection and session record keep."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()

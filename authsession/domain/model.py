@@ -1,0 +1,128 @@
+"""Value objects of the domain: challenges, sessions, snapshots, runtime config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from authsession.domain.units import RateLimit, format_time
+
+
+class ChallengeStatus(StrEnum):
+    """Lifecycle of a login challenge (CONTRACT §7)."""
+
+    PENDING_DELIVERY = "pending_delivery"
+    SENT = "sent"
+    DELIVERY_THROTTLED = "delivery_throttled"
+    DELIVERY_SUPPRESSED = "delivery_suppressed"
+    DELIVERY_FAILED = "delivery_failed"
+    CONFIRMED_PENDING_EXPIRE = "confirmed_pending_expire"
+
+
+class SessionStatus(StrEnum):
+    """Status of a device session as reported by the internal API."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """One login challenge as kept in the source of truth."""
+
+    challenge_id: str
+    status: ChallengeStatus
+    email_hash: str
+    created_at: datetime
+    expires_at: datetime
+    attempts: int = 0
+    user_id: str | None = None
+    email: str | None = None
+    code_hmac: str | None = None
+    code_salt: str | None = None
+    device_session_id: str | None = None
+    session_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One device session as kept in the source of truth."""
+
+    device_session_id: str
+    user_id: str
+    token_sha256: str
+    created_at: datetime
+    expires_at: datetime
+    client_ip: str
+    user_agent: str
+    version: int = 1
+    device_name: str | None = None
+    revoked_at: datetime | None = None
+    revoke_reason: str | None = None
+
+    def status_at(self, now: datetime) -> SessionStatus:
+        """``revoked`` wins over ``expired``; ``expired`` once past ``expires_at``."""
+        if self.revoked_at is not None:
+            return SessionStatus.REVOKED
+        if now >= self.expires_at:
+            return SessionStatus.EXPIRED
+        return SessionStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The gateway projection of one session version (CONTRACT §9)."""
+
+    session: Session
+    published_at: datetime
+
+    @property
+    def status(self) -> str:
+        # Gateways see only active or revoked; they check expires_at themselves.
+        return "revoked" if self.session.revoked_at is not None else "active"
+
+    def to_json(self) -> str:
+        """The exact JSON document stored under the snapshot key and in the event."""
+        s = self.session
+        return json.dumps(
+            {
+                "device_session_id": s.device_session_id,
+                "user_id": s.user_id,
+                "status": self.status,
+                "token_sha256": s.token_sha256,
+                "created_at": format_time(s.created_at),
+                "expires_at": format_time(s.expires_at),
+                "revoked_at": format_time(s.revoked_at) if s.revoked_at else None,
+                "revoke_reason": s.revoke_reason,
+                "version": s.version,
+                "published_at": format_time(self.published_at),
+            },
+            separators=(",", ":"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """The limits that the ``<prefix>config`` hash may override at run time."""
+
+    signup_enabled: bool
+    challenge_ttl: timedelta
+    session_ttl: timedelta
+    max_confirm_attempts: int
+    max_failed_confirms_per_email: int
+    max_active_sessions_per_user: int
+    public_rate_limit: RateLimit | None
+
+
+@dataclass(frozen=True, slots=True)
+class FixedConfig:
+    """Limits that only change with a restart (environment variables)."""
+
+    challenge_retention: timedelta
+    confirm_idempotency_window: timedelta
+    resend_cooldown: timedelta
+    session_retention: timedelta
+    failure_window: timedelta = field(default=timedelta(hours=1))

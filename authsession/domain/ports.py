@@ -1,0 +1,231 @@
+"""The ports of the domain core: everything it needs from the outside, as Protocols.
+
+Redis adapters live in ``authsession.redis``, outbound services in
+``authsession.services``; unit tests use the in-memory fakes in ``tests/fakes.py``.
+Every adapter failure surfaces as :class:`~authsession.domain.errors.ServiceUnavailable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Literal, Protocol
+
+from authsession.domain.model import Challenge, ChallengeStatus, RuntimeConfig, Session
+from authsession.domain.units import RateLimit
+
+
+class Clock(Protocol):
+    """Source of the current time (UTC, timezone-aware)."""
+
+    def now(self) -> datetime:
+        """The current instant."""
+        ...
+
+
+class Component(Protocol):
+    """Anything checked with a bounded ``PING`` at startup."""
+
+    async def ping(self) -> None:
+        """Raise if the component cannot reach its backing store."""
+        ...
+
+
+class AttemptResult(StrEnum):
+    """What the atomic evaluation of one confirm attempt found."""
+
+    NOT_FOUND = "not_found"
+    EXPIRED = "expired"
+    EXHAUSTED = "exhausted"
+    WRONG = "wrong"
+    MATCH_SENT = "match_sent"
+    MATCH_CONFIRMED = "match_confirmed"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    """Result of :meth:`ChallengeStore.attempt`; ``challenge`` is set on a match."""
+
+    result: AttemptResult
+    attempts_remaining: int = 0
+    challenge: Challenge | None = None
+
+
+class ChallengeStore(Component, Protocol):
+    """Login challenges (``<prefix>challenge:<id>``)."""
+
+    async def create(self, challenge: Challenge, retention: timedelta) -> None:
+        """Write a new challenge; it expires ``retention`` after its ``expires_at``."""
+        ...
+
+    async def get(self, challenge_id: str) -> Challenge | None:
+        """Read a challenge, or ``None`` when there is no record."""
+        ...
+
+    async def set_delivery_status(self, challenge_id: str, status: ChallengeStatus) -> None:
+        """Move a ``pending_delivery`` challenge to ``sent`` or ``delivery_failed``."""
+        ...
+
+    async def attempt(
+        self, challenge_id: str, candidate_hmac: str, now: datetime, max_attempts: int
+    ) -> AttemptOutcome:
+        """Atomically evaluate one code: a mismatch consumes an attempt, a match nothing."""
+        ...
+
+    async def confirm(
+        self,
+        challenge_id: str,
+        *,
+        now: datetime,
+        max_attempts: int,
+        device_session_id: str,
+        session_token: str,
+        user_id: str,
+        expires_at: datetime,
+        retention: timedelta,
+    ) -> Challenge | None:
+        """Atomically move a ``sent`` challenge to ``confirmed_pending_expire``.
+
+        Returns the confirmed challenge: ours, or the one a concurrent confirm won with.
+        ``None`` when the challenge can no longer be confirmed (gone, expired, exhausted).
+        """
+        ...
+
+
+class ResendThrottle(Component, Protocol):
+    """The fixed resend cooldown per normalized e-mail (``<prefix>throttle:<hash>``)."""
+
+    async def acquire(self, email_hash: str, owner: str, cooldown: timedelta) -> bool:
+        """Start the window if none is open; ``False`` when inside one."""
+        ...
+
+    async def release(self, email_hash: str, owner: str) -> None:
+        """Close the window, only if ``owner`` opened it."""
+        ...
+
+
+class FailureBudget(Component, Protocol):
+    """Wrong codes per normalized e-mail over a rolling hour (``<prefix>failures:<hash>``)."""
+
+    async def count(self, email_hash: str, now: datetime, window: timedelta) -> int:
+        """Failures recorded within ``window`` before ``now``."""
+        ...
+
+    async def record(self, email_hash: str, now: datetime, window: timedelta) -> None:
+        """Record one failure at ``now``."""
+        ...
+
+
+class ExtendResult(StrEnum):
+    """Outcome of :meth:`SessionStore.extend`."""
+
+    EXTENDED = "extended"
+    NOT_FOUND = "not_found"
+    NOT_ACTIVE = "not_active"
+
+
+class SessionStore(Component, Protocol):
+    """Device sessions and the per-user index."""
+
+    async def create(self, session: Session, retention: timedelta) -> bool:
+        """Index and write a session unless it exists; ``True`` if this call wrote it."""
+        ...
+
+    async def get(self, device_session_id: str) -> Session | None:
+        """Read one session."""
+        ...
+
+    async def list_for_user(self, user_id: str) -> list[Session]:
+        """All readable sessions of a user, newest first; prunes index members Redis dropped."""
+        ...
+
+    async def revoke(
+        self, device_session_id: str, reason: str, now: datetime, retention: timedelta
+    ) -> tuple[Session, bool] | None:
+        """Revoke (idempotent); the session and whether this call revoked it, or ``None``."""
+        ...
+
+    async def extend(
+        self, device_session_id: str, expires_at: datetime, now: datetime, retention: timedelta
+    ) -> tuple[ExtendResult, Session | None]:
+        """Move ``expires_at`` of an active session."""
+        ...
+
+
+class PublishResult(StrEnum):
+    """What one projection publication did to the snapshot key."""
+
+    WRITTEN = "written"
+    UNCHANGED = "unchanged"
+    STALE = "stale"
+
+
+class ProjectionPublisher(Component, Protocol):
+    """The gateway projection: snapshot key, then stream event (CONTRACT §9)."""
+
+    async def publish(self, session: Session, now: datetime) -> PublishResult:
+        """Publish the session's current version; never replaces a higher version."""
+        ...
+
+
+class ConfigProvider(Component, Protocol):
+    """Runtime limits, environment defaults overridden by ``<prefix>config``."""
+
+    def current(self) -> RuntimeConfig:
+        """The last good configuration (no I/O)."""
+        ...
+
+
+class RateLimiter(Component, Protocol):
+    """The per-client-IP limit of the public listener, shared by replicas."""
+
+    async def hit(self, client: str, limit: RateLimit, now: datetime) -> int | None:
+        """Count one request; the ``Retry-After`` seconds when over the limit, else ``None``."""
+        ...
+
+
+UserOutcome = Literal["existing", "unknown", "blocked", "created"]
+
+
+@dataclass(frozen=True, slots=True)
+class UserResolution:
+    """What the user service said about an e-mail."""
+
+    outcome: UserOutcome
+    user_id: str | None = None
+
+
+class UserDirectory(Protocol):
+    """The user service (CONTRACT §8)."""
+
+    async def resolve_by_email(self, email: str) -> UserResolution:
+        """``existing``/``unknown``/``blocked`` for a normalized e-mail."""
+        ...
+
+    async def ensure(self, email: str) -> UserResolution:
+        """The user of an e-mail, created if needed (``existing``, ``created``, ``blocked``)."""
+        ...
+
+    async def block(self, user_id: str, reason: str) -> None:
+        """Block a user; raises ``UserNotFound`` for an unknown user."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoginCodeMessage:
+    """One login-code mail."""
+
+    email: str
+    code: str
+    challenge_id: str
+    expires_at: datetime
+    locale: str | None
+
+
+class MailSender(Protocol):
+    """The mail service (CONTRACT §8)."""
+
+    async def send_login_code(self, message: LoginCodeMessage) -> None:
+        """Hand the code to the mail service; never retried."""
+        ...

@@ -1,0 +1,274 @@
+"""Session use cases: create, list, read, revoke, revoke-all, extend, block.
+
+Every change of a session goes through the store (which increments ``version``
+atomically) and is then published to the gateway projection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal, Protocol
+
+from authsession.domain.codes import token_sha256
+from authsession.domain.errors import (
+    InvalidRequest,
+    SessionNotFound,
+    SessionRevoked,
+)
+from authsession.domain.model import FixedConfig, Session, SessionStatus
+from authsession.domain.ports import (
+    Clock,
+    ConfigProvider,
+    ExtendResult,
+    ProjectionPublisher,
+    SessionStore,
+    UserDirectory,
+)
+from authsession.domain.units import parse_duration
+
+log = logging.getLogger("authsession.sessions")
+
+DEFAULT_REVOKE_REASON = "revoked_by_backend"
+USER_BLOCKED_REASON = "user_blocked"
+SESSION_LIMIT_REASON = "session_limit"
+REASON_PATTERN = r"^[a-z0-9_.-]{1,64}$"
+_REASON_RE = re.compile(REASON_PATTERN)
+
+StatusFilter = Literal["active", "revoked", "expired", "all"]
+
+
+class BlockMarkers(Protocol):
+    """Recent user blocks, so that a code mailed before a block cannot open a session."""
+
+    async def mark_user_blocked(self, user_id: str, ttl: timedelta) -> None:
+        """Remember the block for ``ttl``."""
+        ...
+
+    async def is_user_blocked(self, user_id: str) -> bool:
+        """Whether a block is remembered."""
+        ...
+
+
+class Metrics(Protocol):
+    """The counters the session use cases report."""
+
+    def session_revoked(self, reason: str) -> None:
+        """One session revoked."""
+        ...
+
+    def projection_published(self, result: str) -> None:
+        """One projection publication (``written``/``unchanged``/``stale``/``error``)."""
+        ...
+
+
+class NoMetrics:
+    """Metrics that go nowhere (unit tests, telemetry off)."""
+
+    def session_revoked(self, reason: str) -> None:
+        """Ignore."""
+
+    def projection_published(self, result: str) -> None:
+        """Ignore."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Where a confirm came from."""
+
+    ip: str
+    user_agent: str
+
+
+class SessionService:
+    """The session use cases of CONTRACT §6, and session creation for the login flow."""
+
+    def __init__(
+        self,
+        *,
+        store: SessionStore,
+        projection: ProjectionPublisher,
+        config: ConfigProvider,
+        users: UserDirectory,
+        blocks: BlockMarkers,
+        clock: Clock,
+        fixed: FixedConfig,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._store = store
+        self._projection = projection
+        self._config = config
+        self._users = users
+        self._blocks = blocks
+        self._clock = clock
+        self._fixed = fixed
+        self._metrics = metrics or NoMetrics()
+
+    # -- creation (login flow) ---------------------------------------------------------
+
+    async def materialize(
+        self,
+        *,
+        device_session_id: str,
+        session_token: str,
+        user_id: str,
+        client: ClientInfo,
+        device_name: str | None,
+    ) -> Session:
+        """Write the session of a confirmed challenge unless it exists, then publish it.
+
+        Idempotent: a retry after any failure completes the remaining steps. Returns the
+        session as stored (which may be revoked if it was revoked since).
+        """
+        now = self._clock.now()
+        candidate = Session(
+            device_session_id=device_session_id,
+            user_id=user_id,
+            token_sha256=token_sha256(session_token),
+            created_at=now,
+            expires_at=now + self._config.current().session_ttl,
+            client_ip=client.ip,
+            user_agent=client.user_agent,
+            device_name=device_name,
+        )
+        created = await self._store.create(candidate, self._fixed.session_retention)
+        session = candidate if created else await self._store.get(device_session_id)
+        if session is None:  # dropped between the two calls: only with a tiny retention
+            raise SessionNotFound()
+        if created:
+            await self._enforce_session_limit(user_id, keep=device_session_id)
+        await self.publish(session)
+        return session
+
+    async def is_user_blocked(self, user_id: str) -> bool:
+        """Whether this service blocked the user recently (see :class:`BlockMarkers`)."""
+        return await self._blocks.is_user_blocked(user_id)
+
+    async def _enforce_session_limit(self, user_id: str, keep: str) -> None:
+        limit = self._config.current().max_active_sessions_per_user
+        if limit <= 0:
+            return
+        now = self._clock.now()
+        active = [
+            s
+            for s in await self._store.list_for_user(user_id)
+            if s.status_at(now) is SessionStatus.ACTIVE
+        ]
+        # Newest first; the one just created is always kept.
+        active.sort(key=lambda s: (s.device_session_id != keep, -s.created_at.timestamp()))
+        for session in active[limit:]:
+            await self._revoke_and_publish(session.device_session_id, SESSION_LIMIT_REASON)
+
+    # -- projection --------------------------------------------------------------------
+
+    async def publish(self, session: Session) -> None:
+        """Publish the session's current version to the gateway projection."""
+        try:
+            result = await self._projection.publish(session, self._clock.now())
+        except Exception:
+            self._metrics.projection_published("error")
+            raise
+        self._metrics.projection_published(result.value)
+
+    # -- internal API ------------------------------------------------------------------
+
+    async def list_sessions(self, user_id: str, status: StatusFilter = "all") -> list[Session]:
+        """A user's sessions, newest first, optionally filtered by status."""
+        sessions = await self._store.list_for_user(user_id)
+        if status == "all":
+            return sessions
+        now = self._clock.now()
+        return [s for s in sessions if s.status_at(now).value == status]
+
+    async def get(self, device_session_id: str) -> Session:
+        """One session, or ``SessionNotFound``."""
+        session = await self._store.get(device_session_id)
+        if session is None:
+            raise SessionNotFound()
+        return session
+
+    async def revoke(self, device_session_id: str, reason: str | None = None) -> Session:
+        """Revoke one session (idempotent: a repeat keeps ``revoked_at``, republishes)."""
+        session, _ = await self._revoke_and_publish(
+            device_session_id, _checked_reason(reason, DEFAULT_REVOKE_REASON)
+        )
+        return session
+
+    async def revoke_all(
+        self, user_id: str, reason: str | None = None, except_session_id: str | None = None
+    ) -> list[str]:
+        """Revoke every not-yet-revoked session of a user; the ids this call revoked."""
+        reason = _checked_reason(reason, DEFAULT_REVOKE_REASON)
+        revoked: list[str] = []
+        for session in await self._store.list_for_user(user_id):
+            if session.device_session_id == except_session_id or session.revoked_at is not None:
+                continue
+            _, changed = await self._revoke_and_publish(session.device_session_id, reason)
+            if changed:
+                revoked.append(session.device_session_id)
+        return revoked
+
+    async def extend(self, device_session_id: str, ttl: str | None = None) -> Session:
+        """Set ``expires_at`` to now + ttl (default and maximum: ``SESSION_TTL``)."""
+        max_ttl = self._config.current().session_ttl
+        if ttl is None:
+            duration = max_ttl
+        else:
+            try:
+                duration = parse_duration(ttl)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), {"field": "ttl"}) from None
+            if duration <= timedelta(0) or duration > max_ttl:
+                raise InvalidRequest(
+                    "ttl must be positive and at most SESSION_TTL", {"field": "ttl"}
+                )
+        now = self._clock.now()
+        result, session = await self._store.extend(
+            device_session_id, now + duration, now, self._fixed.session_retention
+        )
+        if result is ExtendResult.NOT_FOUND:
+            raise SessionNotFound()
+        if result is ExtendResult.NOT_ACTIVE or session is None:
+            raise SessionRevoked()
+        await self.publish(session)
+        return session
+
+    async def block_user(self, user_id: str, reason: str | None = None) -> list[str]:
+        """Block in the user service first, then revoke everything with ``user_blocked``."""
+        await self._users.block(user_id, _checked_reason(reason, USER_BLOCKED_REASON))
+        # Codes mailed before the block stay confirmable for up to CHALLENGE_TTL.
+        await self._blocks.mark_user_blocked(user_id, self._config.current().challenge_ttl)
+        return await self.revoke_all(user_id, USER_BLOCKED_REASON)
+
+    async def _revoke_and_publish(
+        self, device_session_id: str, reason: str
+    ) -> tuple[Session, bool]:
+        now = self._clock.now()
+        outcome = await self._store.revoke(
+            device_session_id, reason, now, self._fixed.session_retention
+        )
+        if outcome is None:
+            raise SessionNotFound()
+        session, changed = outcome
+        if changed:
+            self._metrics.session_revoked(reason)
+            log.info(
+                "session revoked",
+                extra={
+                    "device_session_id": device_session_id,
+                    "user_id": session.user_id,
+                    "reason": reason,
+                },
+            )
+        await self.publish(session)
+        return session, changed
+
+
+def _checked_reason(reason: str | None, default: str) -> str:
+    if reason is None:
+        return default
+    if not _REASON_RE.match(reason):
+        raise InvalidRequest("reason must be 1-64 characters of [a-z0-9_.-]", {"field": "reason"})
+    return reason

@@ -1,0 +1,110 @@
+"""The internal listener: session management for trusted backends (CONTRACT §6)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Path, Query
+
+from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
+from authsession.http.common import errors, new_app
+from authsession.http.middleware import BearerTokenMiddleware, RequestContextMiddleware
+from authsession.http.schemas import (
+    BlockRequest,
+    ExtendRequest,
+    RevokeAllRequest,
+    RevokedResponse,
+    RevokeRequest,
+    SessionListResponse,
+    SessionResponse,
+)
+from authsession.wiring import Core
+
+UserIdPath = Annotated[str, Path(pattern=USER_ID_PATTERN)]
+SessionIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
+UNAUTHORIZED = (401, "unauthorized")
+
+
+def create_internal_app(core: Core) -> FastAPI:
+    """The trusted backends' API."""
+    app = new_app("authsession internal API", "Device-session management for trusted backends.")
+    sessions = core.sessions
+    clock = core.clock
+
+    @app.get(
+        "/api/v1/internal/users/{user_id}/sessions",
+        response_model=SessionListResponse,
+        responses=errors(UNAUTHORIZED),
+        summary="List a user's sessions, newest first",
+    )
+    async def list_sessions(
+        user_id: UserIdPath,
+        status: Annotated[Literal["active", "revoked", "expired", "all"], Query()] = "all",
+    ) -> SessionListResponse:
+        found = await sessions.list_sessions(user_id, status)
+        now = clock.now()
+        return SessionListResponse(
+            user_id=user_id, sessions=[SessionResponse.of(s, now) for s in found]
+        )
+
+    @app.get(
+        "/api/v1/internal/sessions/{device_session_id}",
+        response_model=SessionResponse,
+        responses=errors(UNAUTHORIZED, (404, "session_not_found")),
+        summary="Read one session",
+    )
+    async def get_session(device_session_id: SessionIdPath) -> SessionResponse:
+        return SessionResponse.of(await sessions.get(device_session_id), clock.now())
+
+    @app.post(
+        "/api/v1/internal/sessions/{device_session_id}/revoke",
+        response_model=SessionResponse,
+        responses=errors(UNAUTHORIZED, (404, "session_not_found")),
+        summary="Revoke one session (idempotent)",
+    )
+    async def revoke_session(
+        device_session_id: SessionIdPath, body: RevokeRequest | None = None
+    ) -> SessionResponse:
+        reason = body.reason if body else None
+        return SessionResponse.of(await sessions.revoke(device_session_id, reason), clock.now())
+
+    @app.post(
+        "/api/v1/internal/users/{user_id}/sessions/revoke",
+        response_model=RevokedResponse,
+        responses=errors(UNAUTHORIZED),
+        summary="Revoke all of a user's sessions, optionally but one",
+    )
+    async def revoke_all(
+        user_id: UserIdPath, body: RevokeAllRequest | None = None
+    ) -> RevokedResponse:
+        body = body or RevokeAllRequest()
+        revoked = await sessions.revoke_all(user_id, body.reason, body.except_session_id)
+        return RevokedResponse(user_id=user_id, revoked_session_ids=revoked)
+
+    @app.post(
+        "/api/v1/internal/sessions/{device_session_id}/extend",
+        response_model=SessionResponse,
+        responses=errors(UNAUTHORIZED, (404, "session_not_found"), (409, "session_revoked")),
+        summary="Move the expiry of an active session",
+    )
+    async def extend_session(
+        device_session_id: SessionIdPath, body: ExtendRequest | None = None
+    ) -> SessionResponse:
+        ttl = body.ttl if body else None
+        return SessionResponse.of(await sessions.extend(device_session_id, ttl), clock.now())
+
+    @app.post(
+        "/api/v1/internal/users/{user_id}/block",
+        response_model=RevokedResponse,
+        responses=errors(UNAUTHORIZED, (404, "user_not_found")),
+        summary="Block a user in the user service and revoke all their sessions",
+    )
+    async def block_user(user_id: UserIdPath, body: BlockRequest | None = None) -> RevokedResponse:
+        revoked = await sessions.block_user(user_id, body.reason if body else None)
+        return RevokedResponse(user_id=user_id, revoked_session_ids=revoked)
+
+    token = core.settings.INTERNAL_API_TOKEN
+    if token is not None:
+        app.add_middleware(BearerTokenMiddleware, token=token.get_secret_value())
+    app.add_middleware(RequestContextMiddleware, listener="internal")
+    return app

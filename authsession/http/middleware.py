@@ -1,0 +1,235 @@
+"""Pure-ASGI middleware shared by both apps: request id, headers, body limit, access log.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) keeps the per-request overhead small and lets the
+body limit act on the stream before the app reads it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from authsession.domain.errors import ServiceUnavailable
+from authsession.domain.ports import Clock, ConfigProvider, RateLimiter
+from authsession.http.errors import error_body
+from authsession.telemetry import request_id_var
+
+log = logging.getLogger("authsession.access")
+
+MAX_BODY_BYTES = 16 * 1024
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send a complete JSON response from middleware."""
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestContextMiddleware:
+    """``X-Request-ID`` in and out, ``Cache-Control: no-store``, 16 KiB limit, access log."""
+
+    def __init__(self, app: ASGIApp, listener: str) -> None:
+        self.app = app
+        self.listener = listener
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = (
+            incoming if incoming and _SANE_REQUEST_ID.match(incoming) else secrets.token_hex(16)
+        )
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_holder = [500]
+        response_started = False
+        extra_headers = [
+            (b"cache-control", b"no-store"),
+            (b"x-request-id", request_id.encode()),
+        ]
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status_holder[0] = message["status"]
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() not in (b"cache-control", b"x-request-id")
+                ]
+                message = {**message, "headers": headers + extra_headers}
+            await send(message)
+
+        try:
+            length = _header(scope, b"content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+                await _too_large(send_wrapper)
+                return
+            received = 0
+
+            async def limited_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > MAX_BODY_BYTES:
+                        raise _BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_wrapper)
+            except _BodyTooLarge:
+                if not response_started:
+                    await _too_large(send_wrapper)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "listener": self.listener,
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status_holder[0],
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                },
+            )
+            request_id_var.reset(token)
+
+
+async def _too_large(send: Send) -> None:
+    await send_json(send, 413, error_body("payload_too_large", "the request body exceeds 16 KiB"))
+
+
+def client_ip(
+    scope: Scope, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str:
+    """The peer address, or the nearest untrusted ``X-Forwarded-For`` hop behind a trusted proxy."""
+    peer = (scope.get("client") or ("", 0))[0] or "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return str(peer)
+    forwarded = _header(scope, b"x-forwarded-for")
+    if not forwarded:
+        return str(peer)
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    # Walk from the nearest hop; the first address we do not trust is the client.
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return _valid_ip(hop) or str(peer)
+    return _valid_ip(hops[0]) or str(peer) if hops else str(peer)
+
+
+def _valid_ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _is_trusted(
+    address: str, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+class RateLimitMiddleware:
+    """Per-client-IP limit of the public listener, counted in Redis (shared by replicas).
+
+    The limit comes from the runtime config, so it can change without a restart. If Redis
+    cannot count, the request goes through: the endpoints themselves then answer 503.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        config: ConfigProvider,
+        clock: Clock,
+        trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.config = config
+        self.clock = clock
+        self.trusted = trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.config.current().public_rate_limit
+        if scope["type"] != "http" or limit is None or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        try:
+            retry_after = await self.limiter.hit(
+                client_ip(scope, self.trusted), limit, self.clock.now()
+            )
+        except ServiceUnavailable as exc:
+            log.warning("rate limiter unavailable, request allowed", extra={"cause": exc.cause})
+            retry_after = None
+        if retry_after is not None:
+            await send_json(
+                send,
+                429,
+                error_body("rate_limited", "too many requests from this client"),
+                [(b"retry-after", str(retry_after).encode())],
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+class BearerTokenMiddleware:
+    """``Authorization: Bearer <token>`` on every request, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(presented, self.expected):
+                await send_json(
+                    send,
+                    401,
+                    error_body("unauthorized", "a valid bearer token is required"),
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,1 @@
+"""Adapters for the ports that live in Redis (stores, throttle, config, projection)."""

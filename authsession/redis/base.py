@@ -1,0 +1,104 @@
+"""What every Redis adapter shares: key names, script loading, error translation."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from authsession.domain.errors import ServiceUnavailable
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+RedisClient = Redis
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The source-of-truth key layout of CONTRACT §7 under one prefix."""
+
+    prefix: str
+
+    def challenge(self, challenge_id: str) -> str:
+        """``<prefix>challenge:<challenge_id>``."""
+        return f"{self.prefix}challenge:{challenge_id}"
+
+    def throttle(self, email_hash: str) -> str:
+        """``<prefix>throttle:<email_hash>``."""
+        return f"{self.prefix}throttle:{email_hash}"
+
+    def failures(self, email_hash: str) -> str:
+        """``<prefix>failures:<email_hash>``."""
+        return f"{self.prefix}failures:{email_hash}"
+
+    def session(self, device_session_id: str) -> str:
+        """``<prefix>session:<device_session_id>``."""
+        return f"{self.prefix}session:{device_session_id}"
+
+    def user_sessions(self, user_id: str) -> str:
+        """``<prefix>user_sessions:<user_id>``."""
+        return f"{self.prefix}user_sessions:{user_id}"
+
+    def blocked_user(self, user_id: str) -> str:
+        """``<prefix>blocked_user:<user_id>``: recent blocks, checked at confirm."""
+        return f"{self.prefix}blocked_user:{user_id}"
+
+    def config(self) -> str:
+        """``<prefix>config``."""
+        return f"{self.prefix}config"
+
+    def rate_limit(self, client: str, window: int) -> str:
+        """``<prefix>ratelimit:<client>:<window index>``."""
+        return f"{self.prefix}ratelimit:{client}:{window}"
+
+
+def load_script(client: RedisClient, name: str) -> AsyncScript:
+    """Register ``scripts/<name>.lua`` (EVALSHA, falling back to EVAL after a flush)."""
+    text = resources.files("authsession.redis").joinpath("scripts", f"{name}.lua").read_text()
+    return client.register_script(text)
+
+
+def redis_call(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Turn any Redis failure of an adapter method into ``ServiceUnavailable('redis')``."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except RedisError as exc:
+            raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
+        except OSError as exc:  # a socket error that redis-py did not wrap
+            raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def as_strings(raw: Any) -> dict[str, str]:
+    """A decoded hash reply (``decode_responses=True``) typed as ``dict[str, str]``."""
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def pairs(flat: Sequence[Any]) -> dict[str, str]:
+    """``[k1, v1, k2, v2, …]`` (as HGETALL returns inside Lua) → dict."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+class RedisComponent:
+    """Base of the Redis adapters: holds the client and answers the startup ``PING``."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self._redis = client
+
+    @redis_call
+    async def ping(self) -> None:
+        """One ``PING`` round trip."""
+        await self._redis.ping()

@@ -1,0 +1,71 @@
+"""Gateway projection publisher (CONTRACT §9): snapshot key first, then the stream event.
+
+The key and the stream are in different hash slots; the key write is a compare-and-set
+on the version (``scripts/projection_publish.lua``), then ``XADD MAXLEN ~``. A failure of
+either is a ``ServiceUnavailable('projection')``: the caller answers 503 and a retry
+publishes again, which is safe because the same version is never rewritten.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from redis.exceptions import RedisError
+
+from authsession.domain.errors import ServiceUnavailable
+from authsession.domain.model import Session, Snapshot
+from authsession.domain.ports import PublishResult
+from authsession.domain.units import to_epoch_ms
+from authsession.redis.base import RedisClient, RedisComponent, load_script
+
+
+class RedisProjectionPublisher(RedisComponent):
+    """Publishes session snapshots for gateways."""
+
+    def __init__(self, client: RedisClient, key_prefix: str, stream: str, maxlen: int) -> None:
+        super().__init__(client)
+        self._key_prefix = key_prefix
+        self._stream = stream
+        self._maxlen = maxlen
+        self._publish = load_script(client, "projection_publish")
+
+    def snapshot_key(self, device_session_id: str) -> str:
+        """``<GATEWAY_SESSION_KEY_PREFIX><device_session_id>``."""
+        return self._key_prefix + device_session_id
+
+    async def publish(self, session: Session, now: datetime) -> PublishResult:
+        """Write the snapshot (unless a same or higher version is there), then the event."""
+        snapshot = Snapshot(session=session, published_at=now)
+        document = snapshot.to_json()
+        try:
+            result = PublishResult(
+                str(
+                    await self._publish(
+                        keys=[self.snapshot_key(session.device_session_id)],
+                        args=[
+                            session.version,
+                            document,
+                            to_epoch_ms(session.expires_at),
+                            to_epoch_ms(now),
+                        ],
+                    )
+                )
+            )
+            if result is PublishResult.STALE:
+                return result
+            await self._redis.xadd(
+                self._stream,
+                {
+                    "event": "session_snapshot",
+                    "device_session_id": session.device_session_id,
+                    "user_id": session.user_id,
+                    "status": snapshot.status,
+                    "version": str(session.version),
+                    "snapshot": document,
+                },
+                maxlen=self._maxlen,
+                approximate=True,
+            )
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
+        return result

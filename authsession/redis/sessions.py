@@ -1,0 +1,170 @@
+"""Session store: ``<prefix>session:<id>`` hashes and ``<prefix>user_sessions:<user>`` index.
+
+The index and the record live in different hash slots, so creation is two ordered,
+idempotent steps: the index first, so that a session can never exist without being
+listed (and so escape a revoke-all); an index member whose record is gone is pruned on
+read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from authsession.domain.model import Session
+from authsession.domain.ports import ExtendResult
+from authsession.domain.units import format_time, parse_time, to_epoch_ms
+from authsession.redis.base import (
+    Keys,
+    RedisClient,
+    RedisComponent,
+    as_strings,
+    load_script,
+    pairs,
+    redis_call,
+)
+
+
+def session_fields(session: Session) -> dict[str, str]:
+    """The hash fields of a session (null values are not written)."""
+    fields = {
+        "device_session_id": session.device_session_id,
+        "user_id": session.user_id,
+        "status": "revoked" if session.revoked_at else "active",
+        "created_at": format_time(session.created_at),
+        "expires_at": format_time(session.expires_at),
+        "client_ip": session.client_ip,
+        "user_agent": session.user_agent,
+        "version": str(session.version),
+        "token_sha256": session.token_sha256,
+    }
+    if session.device_name is not None:
+        fields["device_name"] = session.device_name
+    if session.revoked_at is not None:
+        fields["revoked_at"] = format_time(session.revoked_at)
+    if session.revoke_reason is not None:
+        fields["revoke_reason"] = session.revoke_reason
+    return fields
+
+
+def session_from(fields: dict[str, str]) -> Session:
+    """Rebuild a session from its hash fields."""
+    revoked_at = fields.get("revoked_at")
+    return Session(
+        device_session_id=fields["device_session_id"],
+        user_id=fields["user_id"],
+        token_sha256=fields["token_sha256"],
+        created_at=parse_time(fields["created_at"]),
+        expires_at=parse_time(fields["expires_at"]),
+        client_ip=fields.get("client_ip", ""),
+        user_agent=fields.get("user_agent", ""),
+        version=int(fields.get("version", "1")),
+        device_name=fields.get("device_name"),
+        revoked_at=parse_time(revoked_at) if revoked_at else None,
+        revoke_reason=fields.get("revoke_reason"),
+    )
+
+
+class RedisSessionStore(RedisComponent):
+    """Sessions in Redis; every change of a record is one Lua script on its key."""
+
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
+        super().__init__(client)
+        self._keys = keys
+        self._create = load_script(client, "session_create")
+        self._revoke = load_script(client, "session_revoke")
+        self._extend = load_script(client, "session_extend")
+        self._index_add = load_script(client, "user_index_add")
+
+    @redis_call
+    async def create(self, session: Session, retention: timedelta) -> bool:
+        """Index the session, then write its record unless it exists."""
+        key_expiry = to_epoch_ms(session.expires_at + retention)
+        await self._index_add(
+            keys=[self._keys.user_sessions(session.user_id)],
+            args=[
+                to_epoch_ms(session.created_at),
+                session.device_session_id,
+                to_epoch_ms(session.created_at),
+                key_expiry,
+            ],
+        )
+        flat: list[str | int] = [key_expiry]
+        for field, value in session_fields(session).items():
+            flat += [field, value]
+        created = await self._create(
+            keys=[self._keys.session(session.device_session_id)], args=flat
+        )
+        return bool(created)
+
+    @redis_call
+    async def get(self, device_session_id: str) -> Session | None:
+        """Read one session."""
+        fields = as_strings(await self._redis.hgetall(self._keys.session(device_session_id)))
+        return session_from(fields) if fields else None
+
+    @redis_call
+    async def list_for_user(self, user_id: str) -> list[Session]:
+        """Newest first; members whose record Redis dropped are removed from the index."""
+        index = self._keys.user_sessions(user_id)
+        ids = [str(i) for i in await self._redis.zrevrange(index, 0, -1)]
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for device_session_id in ids:
+                pipe.hgetall(self._keys.session(device_session_id))
+            records = [as_strings(r) for r in await pipe.execute()]
+        sessions = [session_from(r) for r in records if r]
+        stale = [i for i, r in zip(ids, records, strict=True) if not r]
+        if stale:
+            await self._redis.zrem(index, *stale)
+        return sessions
+
+    @redis_call
+    async def revoke(
+        self, device_session_id: str, reason: str, now: datetime, retention: timedelta
+    ) -> tuple[Session, bool] | None:
+        """See ``scripts/session_revoke.lua``; the key keeps its expiry."""
+        reply = await self._revoke(
+            keys=[self._keys.session(device_session_id)], args=[format_time(now), reason]
+        )
+        kind = str(reply[0])
+        if kind == "not_found":
+            return None
+        return session_from(pairs(reply[1:])), kind == "revoked"
+
+    @redis_call
+    async def extend(
+        self, device_session_id: str, expires_at: datetime, now: datetime, retention: timedelta
+    ) -> tuple[ExtendResult, Session | None]:
+        """See ``scripts/session_extend.lua``; the user index is kept alive as long."""
+        key_expiry = to_epoch_ms(expires_at + retention)
+        reply = await self._extend(
+            keys=[self._keys.session(device_session_id)],
+            args=[format_time(now), format_time(expires_at), key_expiry],
+        )
+        kind = ExtendResult(str(reply[0]))
+        if kind is not ExtendResult.EXTENDED:
+            return kind, None
+        session = session_from(pairs(reply[1:]))
+        await self._index_add(
+            keys=[self._keys.user_sessions(session.user_id)],
+            args=[
+                to_epoch_ms(session.created_at),
+                session.device_session_id,
+                to_epoch_ms(now),
+                key_expiry,
+            ],
+        )
+        return kind, session
+
+    @redis_call
+    async def mark_user_blocked(self, user_id: str, ttl: timedelta) -> None:
+        """Remember a block for ``ttl`` so codes sent before it cannot be confirmed."""
+        await self._redis.set(
+            self._keys.blocked_user(user_id), "1", px=max(1, int(ttl.total_seconds() * 1000))
+        )
+
+    @redis_call
+    async def is_user_blocked(self, user_id: str) -> bool:
+        """Whether a block was recorded within the last ``ttl``."""
+        return bool(await self._redis.exists(self._keys.blocked_user(user_id)))

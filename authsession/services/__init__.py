@@ -1,0 +1,1 @@
+"""Adapters for the outbound services: the user service and the mail service."""

@@ -1,0 +1,175 @@
+"""The user service over REST (CONTRACT §8): resolve-by-email, ensure, block."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_none,
+)
+
+from authsession.domain.errors import UserNotFound
+from authsession.domain.ports import UserResolution
+from authsession.services.http_client import (
+    OnResult,
+    OutboundFailure,
+    ServiceCaller,
+    UnexpectedResponse,
+    expect_json,
+)
+
+SERVICE = "user_service"
+
+UserId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")
+]
+
+
+class _Known(BaseModel):
+    """``resolve-by-email`` for a user the service knows."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    outcome: Literal["existing", "blocked"]
+    user_id: UserId
+
+
+class _Unknown(BaseModel):
+    """``resolve-by-email`` for an e-mail without a user; a stray ``user_id`` is ignored."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    outcome: Literal["unknown"]
+
+
+class _Ensured(BaseModel):
+    """``ensure``: the user of the e-mail, found or created."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    outcome: Literal["existing", "created", "blocked"]
+    user_id: UserId
+
+
+_RESOLVED: TypeAdapter[_Known | _Unknown] = TypeAdapter(
+    Annotated[_Known | _Unknown, Field(discriminator="outcome")]
+)
+_ENSURED: TypeAdapter[_Ensured] = TypeAdapter(_Ensured)
+
+
+def _parse_resolved(response: httpx.Response) -> UserResolution:
+    body = expect_json(response, _RESOLVED)
+    if isinstance(body, _Unknown):
+        return UserResolution(outcome="unknown")
+    return UserResolution(outcome=body.outcome, user_id=body.user_id)
+
+
+def _parse_ensured(response: httpx.Response) -> UserResolution:
+    body = expect_json(response, _ENSURED)
+    return UserResolution(outcome=body.outcome, user_id=body.user_id)
+
+
+def _parse_blocked(response: httpx.Response) -> bool:
+    """``True`` when blocked, ``False`` for an unknown user (a contract answer, not a failure)."""
+    if response.status_code == 404:
+        return False
+    if response.is_success:
+        return True
+    raise UnexpectedResponse("http_status", f"HTTP {response.status_code}")
+
+
+def _user_path_segment(user_id: str) -> str:
+    segment = quote(user_id, safe="")
+    # "." and ".." are valid user ids but dot segments in a URL: httpx would collapse them
+    # and the call would reach another route, so they are sent percent-encoded.
+    if not segment.strip("."):
+        segment = segment.replace(".", "%2E")
+    return segment
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, OutboundFailure) and exc.retryable
+
+
+def _log_retry(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(failure, OutboundFailure):
+        # The retry may still succeed, so this is not yet a failure of the login.
+        failure.log(logging.INFO, "outbound call failed, retrying", attempt=state.attempt_number)
+
+
+class RestUserDirectory:
+    """:class:`~authsession.domain.ports.UserDirectory` over the user service's REST API."""
+
+    def __init__(self, client: httpx.AsyncClient, *, on_result: OnResult | None = None) -> None:
+        self._caller = ServiceCaller(client, SERVICE, on_result)
+
+    async def resolve_by_email(self, email: str) -> UserResolution:
+        """``existing``/``unknown``/``blocked``; retried once on transport errors, 502/503/504."""
+        # Resolving is a read, so repeating it is safe; ensure and block are not retried
+        # because a lost answer to a write could be mistaken for "not done".
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(2),
+            wait=wait_none(),
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        attempts = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    return await self._caller.call(
+                        "resolve_by_email",
+                        route="/api/v1/users/resolve-by-email",
+                        path="/api/v1/users/resolve-by-email",
+                        body={"email": email},
+                        parse=_parse_resolved,
+                    )
+        except OutboundFailure as failure:
+            failure.log(logging.WARNING, attempts=attempts)
+            raise failure.unavailable() from failure
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def ensure(self, email: str) -> UserResolution:
+        """The user of an e-mail, created if needed: ``existing``/``created``/``blocked``."""
+        try:
+            return await self._caller.call(
+                "ensure",
+                route="/api/v1/users/ensure",
+                path="/api/v1/users/ensure",
+                body={"email": email},
+                parse=_parse_ensured,
+            )
+        except OutboundFailure as failure:
+            failure.log(logging.WARNING)
+            raise failure.unavailable() from failure
+
+    async def block(self, user_id: str, reason: str) -> None:
+        """Block a user; ``UserNotFound`` when the service answers 404."""
+        try:
+            found = await self._caller.call(
+                "block",
+                route="/api/v1/users/{user_id}/block",
+                path=f"/api/v1/users/{_user_path_segment(user_id)}/block",
+                body={"reason": reason},
+                parse=_parse_blocked,
+            )
+        except OutboundFailure as failure:
+            failure.log(logging.WARNING)
+            raise failure.unavailable() from failure
+        if not found:
+            raise UserNotFound()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client this directory was given (at shutdown)."""
+        await self._caller.client.aclose()

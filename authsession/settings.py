@@ -1,0 +1,302 @@
+"""Configuration from ``AUTHSESSION_*`` environment variables (CONTRACT §3).
+
+:func:`load_settings` is the only entry point the process uses: it validates every field,
+then the rules that span fields, and reports *every* problem at once in a
+:class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from authsession.domain.model import FixedConfig, RuntimeConfig
+from authsession.domain.units import RateLimit, parse_bool, parse_duration, parse_rate_limit
+
+ENV_PREFIX = "AUTHSESSION_"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A listener address: ``host:port``, ``:port`` or ``[::1]:port``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_ADDR = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """Parse a listener address; an empty host means every IPv4 interface."""
+    match = _ADDR.match(text.strip())
+    if match is None:
+        raise ValueError(f"invalid address {text!r} (use host:port, :port or [::1]:port)")
+    port = int(match.group("port"))
+    if port > 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    if match.group("v6") is not None:
+        ipaddress.IPv6Address(match.group("v6"))
+        return ListenAddress(match.group("v6"), port)
+    return ListenAddress(match.group("host") or "0.0.0.0", port)  # noqa: S104 - ':port' means all
+
+
+def _duration(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be a positive duration")
+    return value
+
+
+def _bool(value: Any) -> Any:
+    return parse_bool(value) if isinstance(value, str) else value
+
+
+def _address(value: Any) -> Any:
+    return parse_listen_address(value) if isinstance(value, str) else value
+
+
+def _csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _networks(value: Any) -> Any:
+    parts = _csv(value)
+    return tuple(ipaddress.ip_network(p, strict=False) for p in parts)
+
+
+def _rate_limit(value: Any) -> Any:
+    return parse_rate_limit(value) if isinstance(value, str) else value
+
+
+def _origins(value: tuple[str, ...]) -> tuple[str, ...]:
+    for origin in value:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ValueError(f"invalid origin {origin!r} (use scheme://host[:port] or *)")
+    return value
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", value):
+        raise ValueError(f"invalid URL {value!r} (use http:// or https://)")
+    return value.rstrip("/") if value else value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_positive)]
+Bool = Annotated[bool, BeforeValidator(_bool)]
+Address = Annotated[ListenAddress, NoDecode, BeforeValidator(_address)]
+CsvOrigins = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_csv), AfterValidator(_origins)]
+Networks = Annotated[
+    tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode, BeforeValidator(_networks)
+]
+OptionalRateLimit = Annotated[RateLimit | None, NoDecode, BeforeValidator(_rate_limit)]
+HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
+ServiceMode = Literal["stub", "rest"]
+
+
+class Settings(BaseSettings):
+    """Every variable of CONTRACT §3 with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=True,
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    PUBLIC_HTTP_ADDR: Address = parse_listen_address(":8080")
+    INTERNAL_HTTP_ADDR: Address = parse_listen_address(":8081")
+
+    REDIS_ADDR: str = "127.0.0.1:6379"
+    REDIS_MODE: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    REDIS_SENTINEL_MASTER: str | None = None
+    REDIS_USERNAME: str | None = None
+    REDIS_PASSWORD: SecretStr | None = None
+    REDIS_DB: int = Field(default=0, ge=0)
+    REDIS_TLS_ENABLED: Bool = False
+    REDIS_TLS_CA_FILE: str | None = None
+    REDIS_KEY_PREFIX: str = "authsession:"
+    REDIS_OPERATION_TIMEOUT: Duration = timedelta(seconds=1)
+
+    GATEWAY_SESSION_KEY_PREFIX: str = Field(default="gateway:session:", min_length=1)
+    GATEWAY_SESSION_EVENTS_STREAM: str = Field(default="gateway:session_events", min_length=1)
+    GATEWAY_SESSION_EVENTS_MAXLEN: int = Field(default=100_000, ge=1)
+
+    USER_SERVICE_MODE: ServiceMode = "stub"
+    USER_SERVICE_BASE_URL: HttpUrl = None
+    USER_SERVICE_REQUEST_TIMEOUT: Duration | None = None
+    MAIL_SERVICE_MODE: ServiceMode = "stub"
+    MAIL_SERVICE_BASE_URL: HttpUrl = None
+    MAIL_SERVICE_REQUEST_TIMEOUT: Duration | None = None
+
+    STARTUP_CHECK_TIMEOUT: Duration = timedelta(seconds=2)
+    SHUTDOWN_TIMEOUT: Duration = timedelta(seconds=10)
+
+    CHALLENGE_TTL: Duration = timedelta(minutes=10)
+    CHALLENGE_RETENTION: Duration = timedelta(hours=1)
+    CONFIRM_IDEMPOTENCY_WINDOW: Duration = timedelta(minutes=5)
+    RESEND_COOLDOWN: Duration = timedelta(minutes=1)
+    MAX_CONFIRM_ATTEMPTS: int = Field(default=5, ge=1)
+    MAX_FAILED_CONFIRMS_PER_EMAIL: int = Field(default=50, ge=1)
+    SESSION_TTL: Duration = timedelta(hours=720)
+    SESSION_RETENTION: Duration = timedelta(hours=168)
+    MAX_ACTIVE_SESSIONS_PER_USER: int = Field(default=0, ge=0)
+    SIGNUP_ENABLED: Bool = True
+    CONFIG_REFRESH_INTERVAL: Duration = timedelta(seconds=10)
+
+    INTERNAL_API_TOKEN: SecretStr | None = None
+    PUBLIC_CORS_ALLOWED_ORIGINS: CsvOrigins = ()
+    TRUSTED_PROXIES: Networks = ()
+    PUBLIC_RATE_LIMIT: OptionalRateLimit = None
+
+    LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
+    LOG_FORMAT: Literal["json", "console"] = "json"
+
+    @field_validator("LOG_LEVEL", "LOG_FORMAT", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("REDIS_ADDR")
+    @classmethod
+    def _redis_addr(cls, value: str) -> str:
+        text = value.strip()
+        if text.lower().startswith("memory://"):
+            return text
+        if "://" in text:
+            if not re.match(r"^rediss?://[^\s/]+(/\d*)?$", text):
+                raise ValueError("invalid Redis URL (use redis://[user:pass@]host:port[/db])")
+            return text
+        for part in text.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(
+                    "invalid Redis address (use host:port, a redis:// URL or memory://)"
+                )
+        return text
+
+    @field_validator("REDIS_TLS_CA_FILE")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"file {value!r} does not exist")
+        return value
+
+    @property
+    def memory_store(self) -> bool:
+        """``memory://``: the embedded in-process store (development only)."""
+        return self.REDIS_ADDR.strip().lower().startswith("memory://")
+
+    def runtime_defaults(self) -> RuntimeConfig:
+        """The runtime limits before any ``<prefix>config`` override."""
+        return RuntimeConfig(
+            signup_enabled=self.SIGNUP_ENABLED,
+            challenge_ttl=self.CHALLENGE_TTL,
+            session_ttl=self.SESSION_TTL,
+            max_confirm_attempts=self.MAX_CONFIRM_ATTEMPTS,
+            max_failed_confirms_per_email=self.MAX_FAILED_CONFIRMS_PER_EMAIL,
+            max_active_sessions_per_user=self.MAX_ACTIVE_SESSIONS_PER_USER,
+            public_rate_limit=self.PUBLIC_RATE_LIMIT,
+        )
+
+    def fixed_config(self) -> FixedConfig:
+        """Limits that only change with a restart."""
+        return FixedConfig(
+            challenge_retention=self.CHALLENGE_RETENTION,
+            confirm_idempotency_window=self.CONFIRM_IDEMPOTENCY_WINDOW,
+            resend_cooldown=self.RESEND_COOLDOWN,
+            session_retention=self.SESSION_RETENTION,
+        )
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` maps each offending variable to why."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        """The single stderr line of CONTRACT §2."""
+        parts = "; ".join(f"{name}: {why}" for name, why in self.problems.items())
+        return f"authsession: invalid configuration: {parts}"
+
+
+def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
+    """Rules spanning variables, checked on the raw environment.
+
+    Working on raw strings means these are reported together with per-field errors.
+    """
+    problems: dict[str, str] = {}
+
+    def raw(name: str) -> str:
+        return env.get(ENV_PREFIX + name, "").strip()
+
+    for service in ("USER_SERVICE", "MAIL_SERVICE"):
+        if raw(f"{service}_MODE") == "rest":
+            for suffix in ("BASE_URL", "REQUEST_TIMEOUT"):
+                if not raw(f"{service}_{suffix}"):
+                    problems[f"{ENV_PREFIX}{service}_{suffix}"] = (
+                        f"required when {ENV_PREFIX}{service}_MODE=rest"
+                    )
+    try:
+        public = parse_listen_address(raw("PUBLIC_HTTP_ADDR") or ":8080")
+        internal = parse_listen_address(raw("INTERNAL_HTTP_ADDR") or ":8081")
+    except ValueError:
+        pass  # reported by the field check
+    else:
+        if public == internal and public.port != 0:
+            problems[f"{ENV_PREFIX}INTERNAL_HTTP_ADDR"] = (
+                f"must differ from {ENV_PREFIX}PUBLIC_HTTP_ADDR ({public})"
+            )
+    mode = raw("REDIS_MODE")
+    if mode in ("sentinel", "cluster"):
+        problems[f"{ENV_PREFIX}REDIS_MODE"] = (
+            f"{mode} is not supported by this version yet; use standalone"
+        )
+    if raw("REDIS_ADDR").lower().startswith("memory://") and mode not in ("", "standalone"):
+        problems.setdefault(f"{ENV_PREFIX}REDIS_MODE", "memory:// works only in standalone mode")
+    return problems
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment, raising :class:`ConfigError` with every problem."""
+    problems: dict[str, str] = {}
+    settings: Settings | None = None
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = ENV_PREFIX + str(error["loc"][0]) if error["loc"] else ENV_PREFIX
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.setdefault(name, message)
+    for name, why in _cross_field_problems(os.environ).items():
+        problems.setdefault(name, why)
+    if problems or settings is None:
+        raise ConfigError(dict(sorted(problems.items())))
+    return settings

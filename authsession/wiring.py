@@ -1,0 +1,214 @@
+"""The one composition root: builds the domain core and its adapters from settings.
+
+Tests call :func:`build_core` too, passing fakes or a specific Redis client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+
+from authsession.domain.errors import ServiceUnavailable
+from authsession.domain.login import LoginService
+from authsession.domain.ports import Clock, Component, MailSender, UserDirectory
+from authsession.domain.sessions import SessionService
+from authsession.redis.base import Keys
+from authsession.redis.challenges import RedisChallengeStore
+from authsession.redis.config import RedisConfigProvider
+from authsession.redis.connection import create_redis
+from authsession.redis.projection import RedisProjectionPublisher
+from authsession.redis.sessions import RedisSessionStore
+from authsession.redis.throttle import RedisFailureBudget, RedisRateLimiter, RedisResendThrottle
+from authsession.settings import Settings
+
+log = logging.getLogger("authsession")
+
+Closer = Callable[[], Awaitable[None]]
+
+
+class SystemClock:
+    """The real clock, in UTC."""
+
+    def now(self) -> datetime:
+        """The current instant."""
+        return datetime.now(UTC)
+
+
+class StartupCheckFailed(Exception):
+    """A component did not answer its startup ``PING``."""
+
+    def __init__(self, component: str, cause: str) -> None:
+        super().__init__(f"{component}: {cause}")
+        self.component = component
+        self.cause = cause
+
+
+@dataclass
+class Core:
+    """Everything both apps share; built once per process."""
+
+    settings: Settings
+    redis: Redis
+    clock: Clock
+    login: LoginService
+    sessions: SessionService
+    config: RedisConfigProvider
+    rate_limiter: RedisRateLimiter
+    users: UserDirectory
+    mail: MailSender
+    components: dict[str, Component]
+    closers: list[Closer] = field(default_factory=list)
+
+    async def check(self) -> None:
+        """Bounded ``PING`` of each domain component, in order; raise on the first failure."""
+        bound = self.settings.STARTUP_CHECK_TIMEOUT.total_seconds()
+        for name, component in self.components.items():
+            try:
+                async with asyncio.timeout(bound):
+                    await component.ping()
+            except TimeoutError:
+                raise StartupCheckFailed(name, f"no answer within {bound:g}s") from None
+            except ServiceUnavailable as exc:
+                raise StartupCheckFailed(name, exc.cause or str(exc)) from None
+        # First read of the runtime config, so the first request sees the overrides.
+        await self.config.refresh()
+
+    async def aclose(self) -> None:
+        """Close outbound clients, then Redis; each bounded by the shutdown budget."""
+        budget = self.settings.SHUTDOWN_TIMEOUT.total_seconds()
+        await self.config.stop()
+        for closer in [*self.closers, self.redis.aclose]:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(budget):
+                    await closer()
+
+
+def build_users(settings: Settings, closers: list[Closer]) -> UserDirectory:
+    """The user service adapter selected by ``USER_SERVICE_MODE``."""
+    match settings.USER_SERVICE_MODE:
+        case "stub":
+            from authsession.services.users_stub import StubUserDirectory
+
+            log.warning(
+                "USER_SERVICE_MODE=stub: every e-mail is an existing user; "
+                "for development and isolated testing only",
+                extra={"component": "user_service"},
+            )
+            return StubUserDirectory()
+        case "rest":
+            from authsession.services.http_client import create_client
+            from authsession.services.users_rest import RestUserDirectory
+
+            assert settings.USER_SERVICE_BASE_URL
+            assert settings.USER_SERVICE_REQUEST_TIMEOUT
+            client = create_client(
+                settings.USER_SERVICE_BASE_URL, settings.USER_SERVICE_REQUEST_TIMEOUT
+            )
+            closers.append(client.aclose)
+            return RestUserDirectory(client)
+        case other:
+            raise ValueError(f"unknown USER_SERVICE_MODE {other!r}")
+
+
+def build_mail(settings: Settings, closers: list[Closer]) -> MailSender:
+    """The mail service adapter selected by ``MAIL_SERVICE_MODE``."""
+    match settings.MAIL_SERVICE_MODE:
+        case "stub":
+            from authsession.services.mail_stub import StubMailSender
+
+            log.warning(
+                "MAIL_SERVICE_MODE=stub: no mail is sent, codes are logged; "
+                "for development and isolated testing only",
+                extra={"component": "mail_service"},
+            )
+            return StubMailSender()
+        case "rest":
+            from authsession.services.http_client import create_client
+            from authsession.services.mail_rest import RestMailSender
+
+            assert settings.MAIL_SERVICE_BASE_URL
+            assert settings.MAIL_SERVICE_REQUEST_TIMEOUT
+            client = create_client(
+                settings.MAIL_SERVICE_BASE_URL, settings.MAIL_SERVICE_REQUEST_TIMEOUT
+            )
+            closers.append(client.aclose)
+            return RestMailSender(client)
+        case other:
+            raise ValueError(f"unknown MAIL_SERVICE_MODE {other!r}")
+
+
+def build_core(
+    settings: Settings,
+    *,
+    redis: Redis | None = None,
+    users: UserDirectory | None = None,
+    mail: MailSender | None = None,
+    clock: Clock | None = None,
+) -> Core:
+    """Wire the core from settings; any argument given replaces the configured adapter."""
+    closers: list[Closer] = []
+    client = redis if redis is not None else create_redis(settings)
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    clock = clock or SystemClock()
+    users = users if users is not None else build_users(settings, closers)
+    mail = mail if mail is not None else build_mail(settings, closers)
+    fixed = settings.fixed_config()
+
+    challenges = RedisChallengeStore(client, keys)
+    session_store = RedisSessionStore(client, keys)
+    config = RedisConfigProvider(
+        client, keys, settings.runtime_defaults(), settings.CONFIG_REFRESH_INTERVAL
+    )
+    projection = RedisProjectionPublisher(
+        client,
+        settings.GATEWAY_SESSION_KEY_PREFIX,
+        settings.GATEWAY_SESSION_EVENTS_STREAM,
+        settings.GATEWAY_SESSION_EVENTS_MAXLEN,
+    )
+    throttle = RedisResendThrottle(client, keys)
+    failures = RedisFailureBudget(client, keys)
+    sessions = SessionService(
+        store=session_store,
+        projection=projection,
+        config=config,
+        users=users,
+        blocks=session_store,
+        clock=clock,
+        fixed=fixed,
+    )
+    login = LoginService(
+        challenges=challenges,
+        throttle=throttle,
+        failures=failures,
+        sessions=sessions,
+        config=config,
+        users=users,
+        mail=mail,
+        clock=clock,
+        fixed=fixed,
+    )
+    return Core(
+        settings=settings,
+        redis=client,
+        clock=clock,
+        login=login,
+        sessions=sessions,
+        config=config,
+        rate_limiter=RedisRateLimiter(client, keys),
+        users=users,
+        mail=mail,
+        components={
+            "challenge_store": challenges,
+            "session_store": session_store,
+            "config_provider": config,
+            "projection_publisher": projection,
+            "resend_throttle": throttle,
+        },
+        closers=closers,
+    )

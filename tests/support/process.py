@@ -1,0 +1,292 @@
+"""Run the real ``authsession`` console script as a child process for end-to-end tests."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from tests.support.net import LOOPBACK, port_accepts
+
+READY_TIMEOUT = 15.0
+EXIT_TIMEOUT = 15.0
+
+
+class AuthsessionProcessError(AssertionError):
+    """The process did not become ready / did not exit as expected (output attached)."""
+
+
+def authsession_script() -> Path:
+    """The ``authsession`` console script of the running virtualenv."""
+    return Path(sys.executable).parent / "authsession"
+
+
+def base_env() -> dict[str, str]:
+    """The minimal environment every child starts from (no AUTHSESSION_* variables)."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": os.environ.get("HOME", tempfile.gettempdir()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def port_of(addr: str) -> int:
+    """The port of a ``host:port`` / ``:port`` / ``[::1]:port`` address."""
+    _, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address without a port: {addr!r}")
+    return int(port)
+
+
+class AuthsessionProcess:
+    """The ``authsession`` process with a caller-given environment.
+
+    ``env`` is merged over :func:`base_env` (PATH, HOME, PYTHONUNBUFFERED=1, locale); the
+    caller decides every ``AUTHSESSION_*`` variable, including the listener addresses,
+    which must match ``public_port`` / ``internal_port``. stdout and stderr go to files
+    (``stdout.log`` / ``stderr.log``) in ``workdir`` (a new temp dir if not given, removed
+    by :meth:`close`). ``argv`` replaces the console script (for testing the harness).
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        public_port: int,
+        internal_port: int,
+        argv: Sequence[str] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.env: dict[str, str] = {**base_env(), **env}
+        self.public_port = public_port
+        self.internal_port = internal_port
+        self.argv: list[str] = list(argv) if argv is not None else [str(authsession_script())]
+        self._own_workdir = workdir is None
+        self.workdir: Path = (
+            Path(tempfile.mkdtemp(prefix="authsession-test-")) if workdir is None else workdir
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = self.workdir / "stdout.log"
+        self.stderr_path = self.workdir / "stderr.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ urls
+    @property
+    def public_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.public_port}"
+
+    @property
+    def internal_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.internal_port}"
+
+    @property
+    def pid(self) -> int:
+        return self._require_started().pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status if the process has exited, else None (negative = killed by signal)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Self:
+        """Spawn the process and return at once (see :meth:`wait_ready`)."""
+        with self._lock:
+            if self._proc is not None:
+                raise AuthsessionProcessError("the process was already started")
+            _register(self)
+            with (
+                self.stdout_path.open("wb") as out,
+                self.stderr_path.open("wb") as err,
+            ):
+                self._proc = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=self.workdir,
+                    start_new_session=True,  # terminal Ctrl-C does not reach it
+                )
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> Self:
+        """Wait until both ports accept TCP connections.
+
+        Raises :class:`AuthsessionProcessError` (with the captured output) if the process
+        exits first or ``timeout`` passes.
+        """
+        proc = self._require_started()
+        deadline = time.monotonic() + timeout
+        pending = {self.public_port, self.internal_port}
+        while True:
+            if proc.poll() is not None:
+                raise AuthsessionProcessError(
+                    f"authsession exited with status {proc.returncode} before it was ready"
+                    f"\n{self.output_report()}"
+                )
+            pending = {port for port in pending if not port_accepts(port, timeout=0.2)}
+            if not pending:
+                return self
+            if time.monotonic() >= deadline:
+                raise AuthsessionProcessError(
+                    f"authsession did not listen on {sorted(pending)} within {timeout}s"
+                    f"\n{self.output_report()}"
+                )
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """Wait for the process to exit and return its status (-N: killed by signal N).
+
+        Raises :class:`AuthsessionProcessError` (with the output) on timeout; the process
+        keeps running in that case.
+        """
+        proc = self._require_started()
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AuthsessionProcessError(
+                f"authsession did not exit within {timeout}s\n{self.output_report()}"
+            ) from None
+
+    def send_signal(self, sig: int) -> None:
+        proc = self._require_started()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        """Send SIGTERM (does not wait; use :meth:`wait_exit`)."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the process (and anything left in its process group) and reap it."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        proc.wait()
+
+    def close(self) -> None:
+        """Kill the process if still running; remove the work dir if this object made it."""
+        self.kill()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        _unregister(self)
+
+    # ------------------------------------------------------------------ output
+    def stdout_text(self) -> str:
+        return _read(self.stdout_path)
+
+    def stderr_text(self) -> str:
+        return _read(self.stderr_path)
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Every stdout line that is a JSON object, parsed, in order (other lines skipped)."""
+        records: list[dict[str, Any]] = []
+        for line in self.stdout_text().splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+        return records
+
+    def output_report(self, limit: int = 20_000) -> str:
+        """stdout and stderr, each cut to its last ``limit`` characters, for error messages."""
+        parts = []
+        for name, text in (("stdout", self.stdout_text()), ("stderr", self.stderr_text())):
+            if len(text) > limit:
+                text = "[...]" + text[-limit:]
+            parts.append(f"----- {name} -----\n{text}")
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<AuthsessionProcess public={self.public_port} internal={self.internal_port} "
+            f"returncode={self.returncode}>"
+        )
+
+    def _require_started(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise AuthsessionProcessError("the process was not started")
+        return self._proc
+
+
+class AuthsessionFactory(Protocol):
+    """Type of the ``authsession_process`` fixture (see tests/conftest.py)."""
+
+    def __call__(
+        self, env: Mapping[str, str], *, argv: Sequence[str] | None = None
+    ) -> AuthsessionProcess: ...
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# ---------------------------------------------------------------------- exit cleanup
+_LIVE: set[AuthsessionProcess] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _register(process: AuthsessionProcess) -> None:
+    with _LIVE_LOCK:
+        _LIVE.add(process)
+
+
+def _unregister(process: AuthsessionProcess) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(process)
+
+
+@atexit.register
+def _kill_all() -> None:
+    with _LIVE_LOCK:
+        processes = list(_LIVE)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.close()

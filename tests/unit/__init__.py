@@ -1,0 +1,1 @@
+"""Unit tests: domain rules and adapters, no real I/O."""

@@ -34,7 +34,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 openapi: $(STAMP)
-	$(BIN)/python -m authsession.http.openapi_export openapi
+	$(BIN)/python -m authsession.http.openapi openapi
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -14,6 +14,7 @@ import uvicorn
 from authsession.http.internal import create_internal_app
 from authsession.http.public import create_public_app
 from authsession.settings import ListenAddress, Settings
+from authsession.telemetry import Telemetry
 from authsession.wiring import Core, StartupCheckFailed, build_core
 
 log = logging.getLogger("authsession.runner")
@@ -50,7 +51,8 @@ def _bound(sock: socket.socket) -> str:
 async def run(settings: Settings) -> int:
     """Check the components, serve until a signal, shut down in order. The exit status."""
     try:
-        core = build_core(settings)
+        telemetry = Telemetry()
+        core = build_core(settings, telemetry=telemetry)
     except Exception as exc:
         log.error("startup failed", extra={"component": "wiring", "cause": str(exc)})
         return 1
@@ -72,6 +74,7 @@ async def run(settings: Settings) -> int:
     finally:
         await core.aclose()
         log.info("resources closed")
+        telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
 
 
 async def _serve(core: Core) -> int:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 import traceback
 from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 from authsession.domain.email import mask_email
 from authsession.domain.units import format_time
@@ -93,3 +103,157 @@ def configure_logging(level: str, fmt: str) -> None:
         uvicorn_logger.propagate = True
     # uvicorn's per-request access lines duplicate our own request log.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- OpenTelemetry
+
+TRACER_NAME = "authsession"
+
+
+def _exporter_names(variable: str) -> list[str]:
+    """Exporters named by a standard ``OTEL_*_EXPORTER`` variable.
+
+    Unlike the SDK's own default (``otlp``), nothing is exported unless configured
+    (CONTRACT §11): unset means ``none`` unless an OTLP endpoint is set.
+    """
+    raw = os.environ.get(variable, "").strip().lower()
+    if not raw:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+            variable.replace("OTEL_", "OTEL_EXPORTER_OTLP_").replace("_EXPORTER", "_ENDPOINT")
+        )
+        return ["otlp"] if endpoint else []
+    return [name.strip() for name in raw.split(",") if name.strip() and name.strip() != "none"]
+
+
+class Telemetry:
+    """The tracer and meter providers of the process, and the service's instruments.
+
+    It implements the metrics ports of the domain (``LoginMetrics``, ``Metrics``) and the
+    outbound-call hook of the REST adapters.
+    """
+
+    def __init__(
+        self,
+        *,
+        span_exporters: list[SpanExporter] | None = None,
+        metric_readers: list[MetricReader] | None = None,
+        install_global: bool = True,
+    ) -> None:
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME") or "authsession"}
+        )
+        self.tracer_provider = TracerProvider(resource=resource)
+        exporters = list(span_exporters or [])
+        for name in _exporter_names("OTEL_TRACES_EXPORTER"):
+            exporters.append(_span_exporter(name))
+        for exporter in exporters:
+            processor = (
+                SimpleSpanProcessor(exporter)
+                if span_exporters and exporter in span_exporters
+                else BatchSpanProcessor(exporter)
+            )
+            self.tracer_provider.add_span_processor(processor)
+        readers = list(metric_readers or [])
+        for name in _exporter_names("OTEL_METRICS_EXPORTER"):
+            readers.append(PeriodicExportingMetricReader(_metric_exporter(name)))
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        if install_global:
+            trace.set_tracer_provider(self.tracer_provider)
+            metrics.set_meter_provider(self.meter_provider)
+        meter = self.meter_provider.get_meter("authsession")
+        self.tracer = self.tracer_provider.get_tracer(TRACER_NAME)
+        self._challenges = meter.create_counter(
+            "authsession.challenges", description="Challenges by recorded status"
+        )
+        self._confirms = meter.create_counter(
+            "authsession.confirms", description="Confirm answers by result"
+        )
+        self._revoked = meter.create_counter(
+            "authsession.sessions.revoked", description="Sessions revoked, by reason"
+        )
+        self._publishes = meter.create_counter(
+            "authsession.projection.publishes", description="Projection publications by result"
+        )
+        self._outbound = meter.create_histogram(
+            "authsession.outbound.duration",
+            unit="s",
+            description="Duration of calls to the user and mail services",
+        )
+        self._server_duration = meter.create_histogram(
+            "http.server.request.duration",
+            unit="s",
+            description="Duration of HTTP requests served, per listener and route",
+        )
+
+    # LoginMetrics
+    def challenge(self, status: str) -> None:
+        """One challenge recorded with ``status``."""
+        self._challenges.add(1, {"status": status})
+
+    def confirm(self, result: str) -> None:
+        """One confirm answered."""
+        self._confirms.add(1, {"result": result})
+
+    # Metrics (sessions)
+    def session_revoked(self, reason: str) -> None:
+        """One session revoked."""
+        self._revoked.add(1, {"reason": reason})
+
+    def projection_published(self, result: str) -> None:
+        """One projection publication."""
+        self._publishes.add(1, {"result": result})
+
+    # REST adapters' hook
+    def outbound(self, service: str, result: str, seconds: float) -> None:
+        """One outbound call finished."""
+        self._outbound.record(seconds, {"service": service, "result": result})
+
+    def server_request(
+        self, listener: str, method: str, route: str, status: int, seconds: float
+    ) -> None:
+        """One HTTP request served."""
+        self._server_duration.record(
+            seconds,
+            {
+                "authsession.listener": listener,
+                "http.request.method": method,
+                "http.route": route,
+                "http.response.status_code": status,
+            },
+        )
+
+    def shutdown(self, timeout: float) -> None:
+        """Flush and stop both providers (last step of the shutdown)."""
+        millis = int(timeout * 1000)
+        self.tracer_provider.force_flush(millis)
+        self.tracer_provider.shutdown()
+        self.meter_provider.force_flush(millis)
+        self.meter_provider.shutdown(millis)
+
+
+def _span_exporter(name: str) -> SpanExporter:
+    match name:
+        case "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter()
+        case "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            return ConsoleSpanExporter(out=sys.stderr)
+        case other:
+            raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {other!r} (otlp, console, none)")
+
+
+def _metric_exporter(name: str) -> MetricExporter:
+    match name:
+        case "otlp":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            return OTLPMetricExporter()
+        case "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+            return ConsoleMetricExporter(out=sys.stderr)
+        case other:
+            raise ValueError(f"unsupported OTEL_METRICS_EXPORTER {other!r} (otlp, console, none)")

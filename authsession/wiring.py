@@ -26,6 +26,7 @@ from authsession.redis.projection import RedisProjectionPublisher
 from authsession.redis.sessions import RedisSessionStore
 from authsession.redis.throttle import RedisFailureBudget, RedisRateLimiter, RedisResendThrottle
 from authsession.settings import Settings
+from authsession.telemetry import Telemetry
 
 log = logging.getLogger("authsession")
 
@@ -63,6 +64,7 @@ class Core:
     users: UserDirectory
     mail: MailSender
     components: dict[str, Component]
+    telemetry: Telemetry
     closers: list[Closer] = field(default_factory=list)
 
     async def check(self) -> None:
@@ -89,7 +91,7 @@ class Core:
                     await closer()
 
 
-def build_users(settings: Settings, closers: list[Closer]) -> UserDirectory:
+def build_users(settings: Settings, closers: list[Closer], telemetry: Telemetry) -> UserDirectory:
     """The user service adapter selected by ``USER_SERVICE_MODE``."""
     match settings.USER_SERVICE_MODE:
         case "stub":
@@ -111,12 +113,12 @@ def build_users(settings: Settings, closers: list[Closer]) -> UserDirectory:
                 settings.USER_SERVICE_BASE_URL, settings.USER_SERVICE_REQUEST_TIMEOUT
             )
             closers.append(client.aclose)
-            return RestUserDirectory(client)
+            return RestUserDirectory(client, on_result=telemetry.outbound)
         case other:
             raise ValueError(f"unknown USER_SERVICE_MODE {other!r}")
 
 
-def build_mail(settings: Settings, closers: list[Closer]) -> MailSender:
+def build_mail(settings: Settings, closers: list[Closer], telemetry: Telemetry) -> MailSender:
     """The mail service adapter selected by ``MAIL_SERVICE_MODE``."""
     match settings.MAIL_SERVICE_MODE:
         case "stub":
@@ -138,7 +140,7 @@ def build_mail(settings: Settings, closers: list[Closer]) -> MailSender:
                 settings.MAIL_SERVICE_BASE_URL, settings.MAIL_SERVICE_REQUEST_TIMEOUT
             )
             closers.append(client.aclose)
-            return RestMailSender(client)
+            return RestMailSender(client, on_result=telemetry.outbound)
         case other:
             raise ValueError(f"unknown MAIL_SERVICE_MODE {other!r}")
 
@@ -150,14 +152,16 @@ def build_core(
     users: UserDirectory | None = None,
     mail: MailSender | None = None,
     clock: Clock | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Core:
     """Wire the core from settings; any argument given replaces the configured adapter."""
     closers: list[Closer] = []
     client = redis if redis is not None else create_redis(settings)
     keys = Keys(settings.REDIS_KEY_PREFIX)
     clock = clock or SystemClock()
-    users = users if users is not None else build_users(settings, closers)
-    mail = mail if mail is not None else build_mail(settings, closers)
+    telemetry = telemetry or Telemetry(install_global=False)
+    users = users if users is not None else build_users(settings, closers, telemetry)
+    mail = mail if mail is not None else build_mail(settings, closers, telemetry)
     fixed = settings.fixed_config()
 
     challenges = RedisChallengeStore(client, keys)
@@ -181,6 +185,7 @@ def build_core(
         blocks=session_store,
         clock=clock,
         fixed=fixed,
+        metrics=telemetry,
     )
     login = LoginService(
         challenges=challenges,
@@ -192,6 +197,7 @@ def build_core(
         mail=mail,
         clock=clock,
         fixed=fixed,
+        metrics=telemetry,
     )
     return Core(
         settings=settings,
@@ -210,5 +216,6 @@ def build_core(
             "projection_publisher": projection,
             "resend_throttle": throttle,
         },
+        telemetry=telemetry,
         closers=closers,
     )

@@ -8,6 +8,14 @@ from authsession import __version__
 from authsession.http.errors import install_error_handlers
 from authsession.http.schemas import ErrorResponse
 
+REQUEST_ID_HEADER_DOC: dict[str, object] = {
+    "X-Request-ID": {
+        "description": "The caller's X-Request-ID if it was sane, else a new one",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {"description": "Always no-store", "schema": {"type": "string"}},
+}
+
 # Documented on every operation: the error body is the same everywhere.
 COMMON_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "invalid_request"},
@@ -34,6 +42,7 @@ def new_app(title: str, description: str) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        generate_unique_id_function=lambda route: route.name,
     )
     install_error_handlers(app)
     return app

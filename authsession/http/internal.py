@@ -106,5 +106,5 @@ def create_internal_app(core: Core) -> FastAPI:
     token = core.settings.INTERNAL_API_TOKEN
     if token is not None:
         app.add_middleware(BearerTokenMiddleware, token=token.get_secret_value())
-    app.add_middleware(RequestContextMiddleware, listener="internal")
+    app.add_middleware(RequestContextMiddleware, listener="internal", telemetry=core.telemetry)
     return app

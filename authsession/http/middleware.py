@@ -15,12 +15,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.ports import Clock, ConfigProvider, RateLimiter
 from authsession.http.errors import error_body
-from authsession.telemetry import request_id_var
+from authsession.telemetry import Telemetry, request_id_var
 
 log = logging.getLogger("authsession.access")
 
@@ -61,9 +64,10 @@ async def send_json(
 class RequestContextMiddleware:
     """``X-Request-ID`` in and out, ``Cache-Control: no-store``, 16 KiB limit, access log."""
 
-    def __init__(self, app: ASGIApp, listener: str) -> None:
+    def __init__(self, app: ASGIApp, listener: str, telemetry: Telemetry) -> None:
         self.app = app
         self.listener = listener
+        self.telemetry = telemetry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,6 +79,19 @@ class RequestContextMiddleware:
         )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
+        method = str(scope.get("method", ""))
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        span = self.telemetry.tracer.start_span(
+            f"{method} {self.listener}",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={
+                "authsession.listener": self.listener,
+                "http.request.method": method,
+                "url.path": str(scope.get("path", "")),
+            },
+        )
+        span_token = otel_context.attach(trace.set_span_in_context(span))
         started = time.perf_counter()
         status_holder = [500]
         response_started = False
@@ -118,14 +135,26 @@ class RequestContextMiddleware:
                 if not response_started:
                     await _too_large(send_wrapper)
         finally:
+            elapsed = time.perf_counter() - started
+            status = status_holder[0]
+            route = scope.get("route")
+            route_path = str(getattr(route, "path", "")) or "unmatched"
+            span.update_name(f"{method} {route_path}")
+            span.set_attribute("http.route", route_path)
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(StatusCode.ERROR)
+            span.end()
+            otel_context.detach(span_token)
+            self.telemetry.server_request(self.listener, method, route_path, status, elapsed)
             log.info(
                 "request",
                 extra={
                     "listener": self.listener,
-                    "method": scope.get("method"),
+                    "method": method,
                     "path": scope.get("path"),
-                    "status": status_holder[0],
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
                 },
             )
             request_id_var.reset(token)

@@ -41,6 +41,7 @@ def create_public_app(core: Core) -> FastAPI:
         "/api/v1/public/auth/confirm",
         response_model=ConfirmResponse,
         responses=errors(
+            (400, "invalid_request, invalid_code (details.attempts_remaining)"),
             (403, "user_blocked"),
             (404, "challenge_not_found"),
             (409, "session_revoked"),
@@ -81,5 +82,5 @@ def create_public_app(core: Core) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, listener="public")
+    app.add_middleware(RequestContextMiddleware, listener="public", telemetry=core.telemetry)
     return app

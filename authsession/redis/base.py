@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
@@ -18,6 +20,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 RedisClient = Redis
+_tracer = trace.get_tracer("authsession.redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +71,13 @@ def load_script(client: RedisClient, name: str) -> AsyncScript:
 def redis_call(
     fn: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn any Redis failure of an adapter method into ``ServiceUnavailable('redis')``."""
+    """A traced adapter method whose Redis failures become ``ServiceUnavailable('redis')``."""
+    call = traced(fn)
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await fn(*args, **kwargs)
+            return await call(*args, **kwargs)
         except RedisError as exc:
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:  # a socket error that redis-py did not wrap
@@ -85,6 +89,22 @@ def redis_call(
 def as_strings(raw: Any) -> dict[str, str]:
     """A decoded hash reply (``decode_responses=True``) typed as ``dict[str, str]``."""
     return {str(k): str(v) for k, v in raw.items()}
+
+
+def traced(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A client span around an adapter method that translates its own errors."""
+    span_name = f"redis {fn.__qualname__}"
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        with _tracer.start_as_current_span(
+            span_name, kind=SpanKind.CLIENT, attributes={"db.system.name": "redis"}
+        ):
+            return await fn(*args, **kwargs)
+
+    return wrapper
 
 
 def pairs(flat: Sequence[Any]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Session, Snapshot
 from authsession.domain.ports import PublishResult
 from authsession.domain.units import to_epoch_ms
-from authsession.redis.base import RedisClient, RedisComponent, load_script
+from authsession.redis.base import RedisClient, RedisComponent, load_script, traced
 
 
 class RedisProjectionPublisher(RedisComponent):
@@ -33,6 +33,7 @@ class RedisProjectionPublisher(RedisComponent):
         """``<GATEWAY_SESSION_KEY_PREFIX><device_session_id>``."""
         return self._key_prefix + device_session_id
 
+    @traced
     async def publish(self, session: Session, now: datetime) -> PublishResult:
         """Write the snapshot (unless a same or higher version is there), then the event."""
         snapshot = Snapshot(session=session, published_at=now)

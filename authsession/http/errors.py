@@ -101,14 +101,8 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, "http_error", str(exc.detail))
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unexpected failure", exc_info=exc)
-    return error_response(500, "internal_error", "internal error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on one app."""
     app.add_exception_handler(e.AuthSessionError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected)

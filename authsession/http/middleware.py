@@ -134,6 +134,15 @@ class RequestContextMiddleware:
             except _BodyTooLarge:
                 if not response_started:
                     await _too_large(send_wrapper)
+            except Exception as exc:
+                # Answered here rather than by Starlette's outermost error middleware so
+                # that the 500 carries the same headers as every other response.
+                log.error("unexpected failure", exc_info=exc)
+                span.record_exception(exc)
+                if not response_started:
+                    await send_json(
+                        send_wrapper, 500, error_body("internal_error", "internal error")
+                    )
         finally:
             elapsed = time.perf_counter() - started
             status = status_holder[0]

@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authsession.settings import Settings
 
@@ -51,9 +50,10 @@ def _standalone_client(settings: Settings) -> Redis:
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         # One immediate retry on a broken connection (a restarted Redis leaves dead
-        # connections in the pool); never more, so a call stays within ~2 timeouts.
+        # connections in the pool). Timeouts are not retried: a call that timed out has
+        # used its budget, and the caller answers 503 after one operation timeout.
         "retry": Retry(NoBackoff(), 1),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "retry_on_error": [RedisConnectionError],
         "health_check_interval": 30,
         "max_connections": 256,
     }

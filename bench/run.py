@@ -1,0 +1,175 @@
+"""Load benchmark: the real process over a real redis-server, and the floor app.
+
+Prints requests per second and latency percentiles for each scenario. The load comes
+from this one Python process (httpx, asyncio) on the same machine, so the figures are
+comparable between runs on one machine, not absolute capacity.
+
+    make bench                      # default: 5 s per scenario, 32 connections
+    BENCH_SECONDS=10 BENCH_CONCURRENCY=64 make bench
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.net import free_port, wait_port  # noqa: E402
+from tests.support.process import AuthsessionProcess  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "32"))
+
+Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
+
+async def drive(base_url: str, make_request: Request, expect: int = 200) -> dict[str, float]:
+    """Run ``make_request`` from CONCURRENCY workers for SECONDS; latency stats in ms."""
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    deadline = time.perf_counter() + SECONDS
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=10) as client:
+
+        async def worker() -> None:
+            nonlocal errors, counter
+            while time.perf_counter() < deadline:
+                counter += 1
+                started = time.perf_counter()
+                response = await make_request(client, counter)
+                latencies.append((time.perf_counter() - started) * 1000)
+                if response.status_code != expect:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+        "errors": errors,
+    }
+
+
+def report(name: str, stats: dict[str, float]) -> None:
+    print(
+        f"{name:<34} {stats['rps']:>9.0f} req/s   p50 {stats['p50_ms']:>7.2f} ms"
+        f"   p99 {stats['p99_ms']:>7.2f} ms   n={int(stats['requests'])}"
+        f"   unexpected={int(stats['errors'])}",
+        flush=True,
+    )
+
+
+def codes_from(proc: AuthsessionProcess) -> dict[str, str]:
+    return {
+        r["challenge_id"]: r["code"]
+        for r in proc.log_records()
+        if r.get("event") == "stub mail: login code"
+    }
+
+
+async def scenarios(proc: AuthsessionProcess) -> None:
+    run_id = os.getpid()
+
+    async def send_code(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post(
+            "/api/v1/public/auth/send-email-code", json={"email": f"b{run_id}-{n}@example.com"}
+        )
+
+    report("public send-email-code (sent)", await drive(proc.public_url, send_code))
+
+    async def throttled(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post(
+            "/api/v1/public/auth/send-email-code", json={"email": f"hot{run_id}@example.com"}
+        )
+
+    report("public send-email-code (throttled)", await drive(proc.public_url, throttled))
+
+    pending = list(codes_from(proc).items())
+    sessions: list[str] = []
+
+    async def confirm(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        challenge_id, code = pending[n % len(pending)]
+        response = await client.post(
+            "/api/v1/public/auth/confirm", json={"challenge_id": challenge_id, "code": code}
+        )
+        if response.status_code == 200 and response.json()["created"]:
+            sessions.append(response.json()["device_session_id"])
+        return response
+
+    report("public confirm (create + replays)", await drive(proc.public_url, confirm))
+
+    async def wrong(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post(
+            "/api/v1/public/auth/confirm",
+            json={"challenge_id": "A" * 32, "code": "000000"},
+        )
+
+    report("public confirm (unknown, 404)", await drive(proc.public_url, wrong, expect=404))
+
+    async def read(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.get(f"/api/v1/internal/sessions/{sessions[n % len(sessions)]}")
+
+    report("internal get session", await drive(proc.internal_url, read))
+
+    async def revoke(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post(
+            f"/api/v1/internal/sessions/{sessions[n % len(sessions)]}/revoke", json={}
+        )
+
+    report("internal revoke (idempotent)", await drive(proc.internal_url, revoke))
+
+
+async def floor_scenario(port: int) -> None:
+    async def post(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post("/floor", json={"email": "x@example.com"})
+
+    report("floor: bare FastAPI POST", await drive(f"http://127.0.0.1:{port}", post))
+
+
+def main() -> int:
+    print(f"{SECONDS:g} s per scenario, {CONCURRENCY} concurrent connections, one client process")
+    with RedisServer() as redis_server:
+        public, internal = free_port(), free_port()
+        env = {
+            "AUTHSESSION_REDIS_ADDR": redis_server.addr,
+            "AUTHSESSION_PUBLIC_HTTP_ADDR": f"127.0.0.1:{public}",
+            "AUTHSESSION_INTERNAL_HTTP_ADDR": f"127.0.0.1:{internal}",
+            "AUTHSESSION_LOG_FORMAT": "json",
+            "AUTHSESSION_MAX_FAILED_CONFIRMS_PER_EMAIL": "1000000",
+        }
+        with AuthsessionProcess(env, public_port=public, internal_port=internal) as proc:
+            proc.wait_ready()
+            asyncio.run(scenarios(proc))
+    floor_port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("floor_app.py")), str(floor_port)]
+    )
+    try:
+        wait_port(floor_port)
+        asyncio.run(floor_scenario(floor_port))
+    finally:
+        floor.terminate()
+        floor.wait(10)
+    print(json.dumps({"seconds": SECONDS, "concurrency": CONCURRENCY}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,10 +1,17 @@
-"""Both FastAPI apps served by uvicorn in one event loop, with an ordered shutdown."""
+"""Both FastAPI apps served by uvicorn in one event loop, with an ordered shutdown.
+
+One signal handler covers the whole life of the process: during the startup checks a
+signal stops them (exit 0); while serving, the first signal drains both listeners and
+a second cuts the drain short; while resources close, further signals are ignored so
+that the ordered shutdown always completes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 from collections.abc import Iterator
@@ -19,6 +26,8 @@ from authsession.wiring import Core, StartupCheckFailed, build_core
 
 log = logging.getLogger("authsession.runner")
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the runner (two servers, one loop)."""
@@ -26,6 +35,34 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _Signals:
+    """What SIGTERM/SIGINT mean at each stage of the process's life."""
+
+    def __init__(self, main_task: asyncio.Task[int]) -> None:
+        self.main_task = main_task
+        self.stage = "starting"
+        self.servers: list[_Server] = []
+        self.count = 0
+
+    def __call__(self, signum: int) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        match self.stage:
+            case "starting":
+                log.info("shutting down during the startup checks", extra={"signal": name})
+                self.main_task.cancel()
+            case "serving" if self.count == 1:
+                log.info("shutting down", extra={"signal": name})
+                for server in self.servers:
+                    server.should_exit = True
+            case "serving":
+                log.warning("second signal: cutting the drain short", extra={"signal": name})
+                for server in self.servers:
+                    server.force_exit = True
+            case _:
+                log.info("already closing; signal ignored", extra={"signal": name})
 
 
 def bind(address: ListenAddress) -> socket.socket:
@@ -50,6 +87,20 @@ def _bound(sock: socket.socket) -> str:
 
 async def run(settings: Settings) -> int:
     """Check the components, serve until a signal, shut down in order. The exit status."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    signals = _Signals(main_task)
+    for signum in HANDLED_SIGNALS:
+        loop.add_signal_handler(signum, signals, signum)
+    try:
+        return await _run(settings, signals)
+    finally:
+        for signum in HANDLED_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+async def _run(settings: Settings, signals: _Signals) -> int:
     try:
         telemetry = Telemetry()
         core = build_core(settings, telemetry=telemetry)
@@ -59,42 +110,41 @@ async def run(settings: Settings) -> int:
     try:
         try:
             await core.check()
+        except asyncio.CancelledError:
+            signals.main_task.uncancel()
+            return 0
         except StartupCheckFailed as exc:
             log.error(
                 "startup check failed",
                 extra={"component": exc.component, "cause": exc.cause},
             )
             return 1
-        except Exception as exc:  # e.g. the first config read
-            log.error(
-                "startup check failed", extra={"component": "config_provider", "cause": str(exc)}
-            )
-            return 1
-        return await _serve(core)
+        return await _serve(core, signals)
     finally:
+        signals.stage = "closing"
         await core.aclose()
         log.info("resources closed")
         telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
 
 
-async def _serve(core: Core) -> int:
+async def _serve(core: Core, signals: _Signals) -> int:
     settings = core.settings
     listeners = {
         "public": (create_public_app(core), settings.PUBLIC_HTTP_ADDR),
         "internal": (create_internal_app(core), settings.INTERNAL_HTTP_ADDR),
     }
     sockets: dict[str, socket.socket] = {}
-    try:
-        for name, (_, address) in listeners.items():
+    for name, (_, address) in listeners.items():
+        try:
             sockets[name] = bind(address)
-    except OSError as exc:
-        for sock in sockets.values():
-            sock.close()
-        log.error(
-            "cannot open listener",
-            extra={"listener": name, "address": str(address), "cause": str(exc)},
-        )
-        return 1
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            log.error(
+                "cannot open listener",
+                extra={"listener": name, "address": str(address), "cause": str(exc)},
+            )
+            return 1
 
     servers: dict[str, _Server] = {}
     for name, (app, _) in listeners.items():
@@ -106,27 +156,11 @@ async def _serve(core: Core) -> int:
             access_log=False,
             server_header=False,
             proxy_headers=False,
-            timeout_graceful_shutdown=int(settings.SHUTDOWN_TIMEOUT.total_seconds()) or 1,
+            timeout_graceful_shutdown=math.ceil(settings.SHUTDOWN_TIMEOUT.total_seconds()),
         )
         servers[name] = _Server(config)
-
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-            for server in servers.values():
-                server.should_exit = True
-        else:
-            log.warning("second signal: cutting the drain short")
-            for server in servers.values():
-                server.force_exit = True
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    signals.servers = list(servers.values())
+    signals.stage = "serving"
 
     core.config.start()
     tasks = {
@@ -155,6 +189,5 @@ async def _serve(core: Core) -> int:
             log.info("listener stopped", extra={"listener": name})
         return status
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        signals.stage = "closing"
         await core.config.stop()

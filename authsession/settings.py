@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -30,6 +31,7 @@ from authsession.domain.model import FixedConfig, RuntimeConfig
 from authsession.domain.units import RateLimit, parse_bool, parse_duration, parse_rate_limit
 
 ENV_PREFIX = "AUTHSESSION_"
+RETENTION_RULE = f"must be at least {ENV_PREFIX}CONFIRM_IDEMPOTENCY_WINDOW"
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +209,15 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value!r} does not exist")
         return value
 
+    @model_validator(mode="after")
+    def _retention_covers_replays(self) -> Settings:
+        # A replayed confirm must find the record of a session revoked meanwhile;
+        # otherwise it would write the session again, active. (load_settings reports
+        # this under the variable's name through _cross_field_problems.)
+        if self.SESSION_RETENTION < self.CONFIRM_IDEMPOTENCY_WINDOW:
+            raise ValueError(RETENTION_RULE)
+        return self
+
     @property
     def memory_store(self) -> bool:
         """``memory://``: the embedded in-process store (development only)."""
@@ -274,6 +285,14 @@ def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
             problems[f"{ENV_PREFIX}INTERNAL_HTTP_ADDR"] = (
                 f"must differ from {ENV_PREFIX}PUBLIC_HTTP_ADDR ({public})"
             )
+    try:
+        retention = parse_duration(raw("SESSION_RETENTION") or "168h")
+        window = parse_duration(raw("CONFIRM_IDEMPOTENCY_WINDOW") or "5m")
+    except ValueError:
+        pass  # reported by the field check
+    else:
+        if retention < window:
+            problems[f"{ENV_PREFIX}SESSION_RETENTION"] = RETENTION_RULE
     mode = raw("REDIS_MODE")
     if mode in ("sentinel", "cluster"):
         problems[f"{ENV_PREFIX}REDIS_MODE"] = (
@@ -292,7 +311,9 @@ def load_settings() -> Settings:
         settings = Settings()
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            name = ENV_PREFIX + str(error["loc"][0]) if error["loc"] else ENV_PREFIX
+            if not error["loc"]:
+                continue  # a rule across fields: reported by _cross_field_problems
+            name = ENV_PREFIX + str(error["loc"][0])
             message = str(error["msg"]).removeprefix("Value error, ")
             problems.setdefault(name, message)
     for name, why in _cross_field_problems(os.environ).items():

@@ -101,25 +101,29 @@ def configure_logging(level: str, fmt: str) -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers[:] = []
         uvicorn_logger.propagate = True
-    # uvicorn's per-request access lines duplicate our own request log.
+    # uvicorn's per-request access lines duplicate our own request log; httpx's
+    # per-call lines would put user ids of block calls in the log at info level.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------- OpenTelemetry
 
 TRACER_NAME = "authsession"
+# Revoke reasons are free-form ([a-z0-9_.-]{1,64}); metric attributes must stay bounded.
+KNOWN_REASONS = frozenset({"revoked_by_backend", "user_blocked", "session_limit"})
 
 
-def _exporter_names(variable: str) -> list[str]:
-    """Exporters named by a standard ``OTEL_*_EXPORTER`` variable.
+def _exporter_names(signal: str) -> list[str]:
+    """Exporters named by ``OTEL_<SIGNAL>_EXPORTER`` (signal ``TRACES`` or ``METRICS``).
 
     Unlike the SDK's own default (``otlp``), nothing is exported unless configured
     (CONTRACT §11): unset means ``none`` unless an OTLP endpoint is set.
     """
-    raw = os.environ.get(variable, "").strip().lower()
+    raw = os.environ.get(f"OTEL_{signal}_EXPORTER", "").strip().lower()
     if not raw:
         endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-            variable.replace("OTEL_", "OTEL_EXPORTER_OTLP_").replace("_EXPORTER", "_ENDPOINT")
+            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
         )
         return ["otlp"] if endpoint else []
     return [name.strip() for name in raw.split(",") if name.strip() and name.strip() != "none"]
@@ -144,7 +148,7 @@ class Telemetry:
         )
         self.tracer_provider = TracerProvider(resource=resource)
         exporters = list(span_exporters or [])
-        for name in _exporter_names("OTEL_TRACES_EXPORTER"):
+        for name in _exporter_names("TRACES"):
             exporters.append(_span_exporter(name))
         for exporter in exporters:
             processor = (
@@ -154,7 +158,7 @@ class Telemetry:
             )
             self.tracer_provider.add_span_processor(processor)
         readers = list(metric_readers or [])
-        for name in _exporter_names("OTEL_METRICS_EXPORTER"):
+        for name in _exporter_names("METRICS"):
             readers.append(PeriodicExportingMetricReader(_metric_exporter(name)))
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         if install_global:
@@ -196,8 +200,8 @@ class Telemetry:
 
     # Metrics (sessions)
     def session_revoked(self, reason: str) -> None:
-        """One session revoked."""
-        self._revoked.add(1, {"reason": reason})
+        """One session revoked; backend-chosen reasons are counted as ``other``."""
+        self._revoked.add(1, {"reason": reason if reason in KNOWN_REASONS else "other"})
 
     def projection_published(self, result: str) -> None:
         """One projection publication."""

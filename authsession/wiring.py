@@ -79,7 +79,13 @@ class Core:
             except ServiceUnavailable as exc:
                 raise StartupCheckFailed(name, exc.cause or str(exc)) from None
         # First read of the runtime config, so the first request sees the overrides.
-        await self.config.refresh()
+        try:
+            async with asyncio.timeout(bound):
+                await self.config.refresh()
+        except TimeoutError:
+            raise StartupCheckFailed("config_provider", f"no answer within {bound:g}s") from None
+        except ServiceUnavailable as exc:
+            raise StartupCheckFailed("config_provider", exc.cause or str(exc)) from None
 
     async def aclose(self) -> None:
         """Close outbound clients, then Redis; each bounded by the shutdown budget."""
@@ -165,7 +171,7 @@ def build_core(
     fixed = settings.fixed_config()
 
     challenges = RedisChallengeStore(client, keys)
-    session_store = RedisSessionStore(client, keys)
+    session_store = RedisSessionStore(client, keys, clock)
     config = RedisConfigProvider(
         client, keys, settings.runtime_defaults(), settings.CONFIG_REFRESH_INTERVAL
     )

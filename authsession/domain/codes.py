@@ -41,7 +41,7 @@ def new_id() -> str:
 
 def is_valid_id(value: str) -> bool:
     """Whether ``value`` has the contract's identifier form."""
-    return _ID_RE.match(value) is not None
+    return _ID_RE.fullmatch(value) is not None
 
 
 def new_session_token(device_session_id: str) -> str:

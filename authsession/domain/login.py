@@ -183,6 +183,13 @@ class LoginService:
         self._metrics.challenge(challenge.status.value)
         return ChallengeIssued(challenge.challenge_id, challenge.expires_at)
 
+    async def _release_slot(self, hashed: str, slot: str) -> None:
+        try:
+            await self._failures.release(hashed, slot)
+        except ServiceUnavailable as exc:
+            # The slot then counts as a failure until it leaves the window.
+            log.warning("could not release a failure-budget slot", extra={"cause": exc.cause})
+
     async def _release_cooldown(self, hashed: str, owner: str) -> None:
         try:
             await self._throttle.release(hashed, owner)
@@ -215,18 +222,25 @@ class LoginService:
             raise ChallengeNotFound()
         if now >= challenge.expires_at:
             raise ChallengeExpired()
-        # Rule 2, the e-mail's hourly budget (the challenge's own budget is checked
-        # atomically by the attempt script).
-        window = self._fixed.failure_window
-        if (
-            await self._failures.count(challenge.email_hash, now, window)
-            >= config.max_failed_confirms_per_email
-        ):
+        # Rule 2. The e-mail's hourly budget: a slot is reserved before the code is
+        # evaluated, so concurrent wrong codes cannot overshoot it; it is kept only if
+        # the code is wrong. The challenge's own budget is checked by the attempt script.
+        hashed = challenge.email_hash
+        slot = await self._failures.reserve(
+            hashed, now, self._fixed.failure_window, config.max_failed_confirms_per_email
+        )
+        if slot is None:
             raise TooManyAttempts()
         candidate = codes.code_hmac(challenge.code_salt, code) if challenge.code_salt else ""
-        outcome = await self._challenges.attempt(
-            challenge_id, candidate, now, config.max_confirm_attempts
-        )
+        try:
+            outcome = await self._challenges.attempt(
+                challenge_id, candidate, now, config.max_confirm_attempts
+            )
+        except ServiceUnavailable:
+            await self._release_slot(hashed, slot)
+            raise
+        if outcome.result is not AttemptResult.WRONG:
+            await self._release_slot(hashed, slot)
         match outcome.result:
             case AttemptResult.NOT_FOUND:
                 raise ChallengeNotFound()
@@ -235,8 +249,7 @@ class LoginService:
             case AttemptResult.EXHAUSTED:
                 raise TooManyAttempts()
             case AttemptResult.WRONG:
-                # Rule 4: counted against the challenge (done) and the e-mail.
-                await self._failures.record(challenge.email_hash, now, window)
+                # Rule 4: counted against the challenge and the e-mail (the kept slot).
                 raise InvalidCode(outcome.attempts_remaining)
             case AttemptResult.MATCH_CONFIRMED:
                 assert outcome.challenge is not None

@@ -112,8 +112,17 @@ class FailureBudget(Component, Protocol):
         """Failures recorded within ``window`` before ``now``."""
         ...
 
-    async def record(self, email_hash: str, now: datetime, window: timedelta) -> None:
-        """Record one failure at ``now``."""
+    async def reserve(
+        self, email_hash: str, now: datetime, window: timedelta, limit: int
+    ) -> str | None:
+        """Atomically take one slot if fewer than ``limit`` are used; its id, or ``None``.
+
+        A kept slot is a recorded failure; :meth:`release` gives it back.
+        """
+        ...
+
+    async def release(self, email_hash: str, member: str) -> None:
+        """Give back a reserved slot."""
         ...
 
 

@@ -17,6 +17,7 @@ from authsession.domain.errors import (
     InvalidRequest,
     SessionNotFound,
     SessionRevoked,
+    UserBlocked,
 )
 from authsession.domain.model import FixedConfig, Session, SessionStatus
 from authsession.domain.ports import (
@@ -137,8 +138,14 @@ class SessionService:
         session = candidate if created else await self._store.get(device_session_id)
         if session is None:  # dropped between the two calls: only with a tiny retention
             raise SessionNotFound()
-        if created:
-            await self._enforce_session_limit(user_id, keep=device_session_id)
+        if created and await self._blocks.is_user_blocked(user_id):
+            # A block ran between this confirm's check and the write, and its revoke-all
+            # could not see this session yet: revoke it now.
+            await self._revoke_and_publish(device_session_id, USER_BLOCKED_REASON)
+            raise UserBlocked()
+        if session.revoked_at is None:
+            # Also on a retry: the first attempt may have failed while enforcing it.
+            await self._enforce_session_limit(session, retry=not created)
         await self.publish(session)
         return session
 
@@ -146,20 +153,32 @@ class SessionService:
         """Whether this service blocked the user recently (see :class:`BlockMarkers`)."""
         return await self._blocks.is_user_blocked(user_id)
 
-    async def _enforce_session_limit(self, user_id: str, keep: str) -> None:
+    async def _enforce_session_limit(self, keep: Session, *, retry: bool) -> None:
+        """Revoke the oldest active sessions beyond the limit, ``keep`` always kept.
+
+        On a retry, the revocations this session caused are published again: the first
+        attempt may have revoked them in Redis and then failed to publish.
+        """
         limit = self._config.current().max_active_sessions_per_user
         if limit <= 0:
             return
         now = self._clock.now()
-        active = [
-            s
-            for s in await self._store.list_for_user(user_id)
-            if s.status_at(now) is SessionStatus.ACTIVE
-        ]
+        sessions = await self._store.list_for_user(keep.user_id)
+        active = [s for s in sessions if s.status_at(now) is SessionStatus.ACTIVE]
         # Newest first; the one just created is always kept.
-        active.sort(key=lambda s: (s.device_session_id != keep, -s.created_at.timestamp()))
+        active.sort(
+            key=lambda s: (s.device_session_id != keep.device_session_id, -s.created_at.timestamp())
+        )
         for session in active[limit:]:
             await self._revoke_and_publish(session.device_session_id, SESSION_LIMIT_REASON)
+        if retry:
+            for session in sessions:
+                if (
+                    session.revoke_reason == SESSION_LIMIT_REASON
+                    and session.revoked_at is not None
+                    and session.revoked_at >= keep.created_at
+                ):
+                    await self.publish(session)
 
     # -- projection --------------------------------------------------------------------
 
@@ -269,6 +288,6 @@ class SessionService:
 def _checked_reason(reason: str | None, default: str) -> str:
     if reason is None:
         return default
-    if not _REASON_RE.match(reason):
+    if not _REASON_RE.fullmatch(reason):
         raise InvalidRequest("reason must be 1-64 characters of [a-z0-9_.-]", {"field": "reason"})
     return reason

@@ -16,7 +16,8 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# ASCII digits only: \d and float() would also take other scripts' digits.
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 
 
 def parse_duration(text: str) -> timedelta:
@@ -34,7 +35,10 @@ def parse_duration(text: str) -> timedelta:
             raise ValueError(f"invalid duration {text!r} (use Go syntax such as 300ms, 2s, 1h30m)")
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()
-    return timedelta(seconds=total)
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:
+        raise ValueError(f"duration {text!r} is out of range") from None
 
 
 def format_duration(value: timedelta) -> str:
@@ -80,7 +84,7 @@ class RateLimit:
         return f"{self.count}/{unit}"
 
 
-_RATE = re.compile(r"^(\d+)/([smh])$")
+_RATE = re.compile(r"^([0-9]+)/([smh])$")
 
 
 def parse_rate_limit(text: str) -> RateLimit | None:

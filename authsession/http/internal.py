@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Path, Query
+from fastapi import Depends, FastAPI, Path, Query, Request
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
+from authsession.domain.errors import InvalidRequest
 from authsession.http.common import errors, new_app
 from authsession.http.middleware import BearerTokenMiddleware, RequestContextMiddleware
 from authsession.http.schemas import (
@@ -23,6 +24,20 @@ from authsession.wiring import Core
 UserIdPath = Annotated[str, Path(pattern=USER_ID_PATTERN)]
 SessionIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 UNAUTHORIZED = (401, "unauthorized")
+
+
+async def object_or_no_body(request: Request) -> None:
+    """Bodies of these operations are optional, but when present must be JSON objects.
+
+    FastAPI reads an optional body of ``null`` as "no body"; a ``null`` (or an array, a
+    number…) is a malformed request, never a request to act with the defaults.
+    """
+    start = (await request.body()).lstrip()[:1]
+    if start not in (b"", b"{"):
+        raise InvalidRequest("the body must be a JSON object", {"field": "body"})
+
+
+OPTIONAL_BODY = [Depends(object_or_no_body)]
 
 
 def create_internal_app(core: Core) -> FastAPI:
@@ -58,6 +73,7 @@ def create_internal_app(core: Core) -> FastAPI:
 
     @app.post(
         "/api/v1/internal/sessions/{device_session_id}/revoke",
+        dependencies=OPTIONAL_BODY,
         response_model=SessionResponse,
         responses=errors(UNAUTHORIZED, (404, "session_not_found")),
         summary="Revoke one session (idempotent)",
@@ -70,6 +86,7 @@ def create_internal_app(core: Core) -> FastAPI:
 
     @app.post(
         "/api/v1/internal/users/{user_id}/sessions/revoke",
+        dependencies=OPTIONAL_BODY,
         response_model=RevokedResponse,
         responses=errors(UNAUTHORIZED),
         summary="Revoke all of a user's sessions, optionally but one",
@@ -83,6 +100,7 @@ def create_internal_app(core: Core) -> FastAPI:
 
     @app.post(
         "/api/v1/internal/sessions/{device_session_id}/extend",
+        dependencies=OPTIONAL_BODY,
         response_model=SessionResponse,
         responses=errors(UNAUTHORIZED, (404, "session_not_found"), (409, "session_revoked")),
         summary="Move the expiry of an active session",
@@ -95,6 +113,7 @@ def create_internal_app(core: Core) -> FastAPI:
 
     @app.post(
         "/api/v1/internal/users/{user_id}/block",
+        dependencies=OPTIONAL_BODY,
         response_model=RevokedResponse,
         responses=errors(UNAUTHORIZED, (404, "user_not_found")),
         summary="Block a user in the user service and revoke all their sessions",

@@ -18,6 +18,9 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from authsession.domain.errors import ServiceUnavailable
@@ -29,10 +32,6 @@ log = logging.getLogger("authsession.access")
 
 MAX_BODY_BYTES = 16 * 1024
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -75,7 +74,7 @@ class RequestContextMiddleware:
             return
         incoming = _header(scope, b"x-request-id")
         request_id = (
-            incoming if incoming and _SANE_REQUEST_ID.match(incoming) else secrets.token_hex(16)
+            incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(16)
         )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
@@ -118,22 +117,35 @@ class RequestContextMiddleware:
             if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
                 await _too_large(send_wrapper)
                 return
+            # The whole body (at most 16 KiB) is read here, so that an oversized chunked
+            # body is a 413 whatever the app does with a failing receive().
+            chunks: list[bytes] = []
             received = 0
-
-            async def limited_receive() -> Message:
-                nonlocal received
+            while True:
                 message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > MAX_BODY_BYTES:
-                        raise _BodyTooLarge
-                return message
+                if message["type"] != "http.request":
+                    status_holder[0] = 499  # the client went away mid-body
+                    return
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > MAX_BODY_BYTES:
+                    await _too_large(send_wrapper)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
             try:
-                await self.app(scope, limited_receive, send_wrapper)
-            except _BodyTooLarge:
-                if not response_started:
-                    await _too_large(send_wrapper)
+                await self.app(scope, replay, send_wrapper)
             except Exception as exc:
                 # Answered here rather than by Starlette's outermost error middleware so
                 # that the 500 carries the same headers as every other response.
@@ -153,9 +165,8 @@ class RequestContextMiddleware:
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(StatusCode.ERROR)
-            span.end()
-            otel_context.detach(span_token)
             self.telemetry.server_request(self.listener, method, route_path, status, elapsed)
+            # Logged while the span is current, so the line carries the request's trace id.
             log.info(
                 "request",
                 extra={
@@ -166,6 +177,8 @@ class RequestContextMiddleware:
                     "duration_ms": round(elapsed * 1000, 3),
                 },
             )
+            span.end()
+            otel_context.detach(span_token)
             request_id_var.reset(token)
 
 
@@ -180,7 +193,11 @@ def client_ip(
     peer = (scope.get("client") or ("", 0))[0] or "unknown"
     if not trusted or not _is_trusted(peer, trusted):
         return str(peer)
-    forwarded = _header(scope, b"x-forwarded-for")
+    # Every X-Forwarded-For line, in order: a proxy may append its own line after one
+    # the client sent, and only the whole list tells which hop the proxy saw.
+    forwarded = ",".join(
+        value.decode("latin-1") for key, value in scope["headers"] if key == b"x-forwarded-for"
+    )
     if not forwarded:
         return str(peer)
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
@@ -271,3 +288,20 @@ class BearerTokenMiddleware:
                 )
                 return
         await self.app(scope, receive, send)
+
+
+class ContractCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a rejected preflight answered by the contract's error body."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """Starlette's preflight answer; a failure becomes ``400 invalid_request`` JSON."""
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {
+            k: v
+            for k, v in response.headers.items()
+            if k.lower() not in ("content-length", "content-type")
+        }
+        reason = bytes(response.body).decode("utf-8", "replace") or "CORS preflight rejected"
+        return JSONResponse(error_body("invalid_request", reason), status_code=400, headers=headers)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from starlette.middleware.cors import CORSMiddleware
 
 from authsession.domain.sessions import ClientInfo
 from authsession.domain.units import format_time
 from authsession.http.common import errors, new_app
-from authsession.http.middleware import RateLimitMiddleware, RequestContextMiddleware, client_ip
+from authsession.http.middleware import (
+    ContractCORSMiddleware,
+    RateLimitMiddleware,
+    RequestContextMiddleware,
+    client_ip,
+)
 from authsession.http.schemas import (
     ChallengeResponse,
     ConfirmRequest,
@@ -75,7 +79,7 @@ def create_public_app(core: Core) -> FastAPI:
     )
     if core.settings.PUBLIC_CORS_ALLOWED_ORIGINS:
         app.add_middleware(
-            CORSMiddleware,
+            ContractCORSMiddleware,
             allow_origins=list(core.settings.PUBLIC_CORS_ALLOWED_ORIGINS),
             allow_methods=["POST"],
             allow_headers=["Content-Type", "X-Request-ID"],

@@ -60,6 +60,7 @@ class RedisConfigProvider(RedisComponent):
         self._current = defaults
         # The last good value of each overridden field: a field that stops parsing keeps it.
         self._good: dict[str, Any] = {}
+        self._warned: dict[str, str] = {}  # field -> the bad value already warned about
         self._task: asyncio.Task[None] | None = None
 
     def current(self) -> RuntimeConfig:
@@ -79,12 +80,17 @@ class RedisConfigProvider(RedisComponent):
             except ValueError as exc:
                 if name in self._good:
                     good[name] = self._good[name]
-                log.warning(
-                    "ignoring runtime config field that does not parse",
-                    extra={"field": name, "reason": str(exc)},
-                )
+                if self._warned.get(name) != raw[name]:  # once per bad value, not per refresh
+                    log.warning(
+                        "ignoring runtime config field that does not parse",
+                        extra={"field": name, "reason": str(exc)},
+                    )
+                    self._warned[name] = raw[name]
         for name in sorted(set(raw) - set(FIELD_PARSERS)):
-            log.warning("ignoring unknown runtime config field", extra={"field": name})
+            if self._warned.get(name) != raw[name]:
+                log.warning("ignoring unknown runtime config field", extra={"field": name})
+                self._warned[name] = raw[name]
+        self._warned = {k: v for k, v in self._warned.items() if raw.get(k) == v}
         if good != self._good:
             log.info("runtime config changed", extra={"overrides": sorted(good)})
         self._good = good

@@ -8,6 +8,7 @@ publishes again, which is safe because the same version is never rewritten.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from redis.exceptions import RedisError
@@ -38,35 +39,31 @@ class RedisProjectionPublisher(RedisComponent):
         """Write the snapshot (unless a same or higher version is there), then the event."""
         snapshot = Snapshot(session=session, published_at=now)
         document = snapshot.to_json()
+        status = snapshot.status
         try:
-            result = PublishResult(
-                str(
-                    await self._publish(
-                        keys=[self.snapshot_key(session.device_session_id)],
-                        args=[
-                            session.version,
-                            document,
-                            to_epoch_ms(session.expires_at),
-                            to_epoch_ms(now),
-                        ],
-                    )
-                )
+            reply = await self._publish(
+                keys=[self.snapshot_key(session.device_session_id)],
+                args=[session.version, document, to_epoch_ms(session.expires_at), to_epoch_ms(now)],
             )
+            result = PublishResult(str(reply[0]))
             if result is PublishResult.STALE:
                 return result
+            if result is PublishResult.UNCHANGED:
+                document = str(reply[1])
+                status = str(json.loads(document).get("status", status))
             await self._redis.xadd(
                 self._stream,
                 {
                     "event": "session_snapshot",
                     "device_session_id": session.device_session_id,
                     "user_id": session.user_id,
-                    "status": snapshot.status,
+                    "status": status,
                     "version": str(session.version),
                     "snapshot": document,
                 },
                 maxlen=self._maxlen,
                 approximate=True,
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, ValueError) as exc:
             raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
         return result

@@ -9,9 +9,10 @@ read.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from authsession.domain.model import Session
-from authsession.domain.ports import ExtendResult
+from authsession.domain.ports import Clock, ExtendResult
 from authsession.domain.units import format_time, parse_time, to_epoch_ms
 from authsession.redis.base import (
     Keys,
@@ -22,6 +23,9 @@ from authsession.redis.base import (
     pairs,
     redis_call,
 )
+
+# How old an index member without a record must be before a read prunes it.
+PRUNE_GRACE = timedelta(minutes=1)
 
 
 def session_fields(session: Session) -> dict[str, str]:
@@ -67,9 +71,10 @@ def session_from(fields: dict[str, str]) -> Session:
 class RedisSessionStore(RedisComponent):
     """Sessions in Redis; every change of a record is one Lua script on its key."""
 
-    def __init__(self, client: RedisClient, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, clock: Clock) -> None:
         super().__init__(client)
         self._keys = keys
+        self._clock = clock
         self._create = load_script(client, "session_create")
         self._revoke = load_script(client, "session_revoke")
         self._extend = load_script(client, "session_extend")
@@ -84,7 +89,7 @@ class RedisSessionStore(RedisComponent):
             args=[
                 to_epoch_ms(session.created_at),
                 session.device_session_id,
-                to_epoch_ms(session.created_at),
+                to_epoch_ms(self._clock.now()),
                 key_expiry,
             ],
         )
@@ -106,15 +111,23 @@ class RedisSessionStore(RedisComponent):
     async def list_for_user(self, user_id: str) -> list[Session]:
         """Newest first; members whose record Redis dropped are removed from the index."""
         index = self._keys.user_sessions(user_id)
-        ids = [str(i) for i in await self._redis.zrevrange(index, 0, -1)]
-        if not ids:
+        reply: list[Any] = await self._redis.zrevrange(index, 0, -1, withscores=True)
+        members = [(str(pair[0]), float(pair[1])) for pair in reply]
+        if not members:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
-            for device_session_id in ids:
+            for device_session_id, _ in members:
                 pipe.hgetall(self._keys.session(device_session_id))
             records = [as_strings(r) for r in await pipe.execute()]
         sessions = [session_from(r) for r in records if r]
-        stale = [i for i, r in zip(ids, records, strict=True) if not r]
+        # A member without a record is either dropped by Redis (stale) or a session being
+        # created right now (indexed, not yet written): only old members are pruned.
+        horizon = to_epoch_ms(self._clock.now() - PRUNE_GRACE)
+        stale = [
+            device_session_id
+            for (device_session_id, score), record in zip(members, records, strict=True)
+            if not record and score < horizon
+        ]
         if stale:
             await self._redis.zrem(index, *stale)
         return sessions

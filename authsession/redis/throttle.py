@@ -36,6 +36,7 @@ class RedisFailureBudget(RedisComponent):
     def __init__(self, client: RedisClient, keys: Keys) -> None:
         super().__init__(client)
         self._keys = keys
+        self._reserve = load_script(client, "failures_reserve")
 
     @redis_call
     async def count(self, email_hash: str, now: datetime, window: timedelta) -> int:
@@ -44,16 +45,21 @@ class RedisFailureBudget(RedisComponent):
         return int(await self._redis.zcount(self._keys.failures(email_hash), f"({since}", "+inf"))
 
     @redis_call
-    async def record(self, email_hash: str, now: datetime, window: timedelta) -> None:
-        """Add one failure, drop the ones out of the window, keep the key ≥ ``window``."""
-        key = self._keys.failures(email_hash)
-        now_ms = to_epoch_ms(now)
-        member = f"{now_ms}:{secrets.token_hex(6)}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(key, "-inf", now_ms - int(window.total_seconds() * 1000))
-            pipe.zadd(key, {member: now_ms})
-            pipe.pexpire(key, int(window.total_seconds() * 1000))
-            await pipe.execute()
+    async def reserve(
+        self, email_hash: str, now: datetime, window: timedelta, limit: int
+    ) -> str | None:
+        """Take one slot of the budget (see ``scripts/failures_reserve.lua``)."""
+        member = f"{to_epoch_ms(now)}:{secrets.token_hex(6)}"
+        reserved = await self._reserve(
+            keys=[self._keys.failures(email_hash)],
+            args=[to_epoch_ms(now), int(window.total_seconds() * 1000), limit, member],
+        )
+        return member if reserved else None
+
+    @redis_call
+    async def release(self, email_hash: str, member: str) -> None:
+        """Give back a slot whose confirm turned out not to be a wrong code."""
+        await self._redis.zrem(self._keys.failures(email_hash), member)
 
 
 class RedisRateLimiter(RedisComponent):

@@ -42,6 +42,6 @@ class StubUserDirectory:
 
     async def block(self, user_id: str, reason: str) -> None:
         """Remember the block; ids not of the stub's form are unknown."""
-        if not _STUB_ID.match(user_id):
+        if not _STUB_ID.fullmatch(user_id):
             raise UserNotFound()
         self.blocked.add(user_id)

@@ -36,6 +36,8 @@ redis.call('HSET', KEYS[1],
   'session_token', ARGV[4],
   'user_id', ARGV[5],
   'expires_at', ARGV[6])
+-- The address was kept only to create the user at confirm; it is not needed any more.
+redis.call('HDEL', KEYS[1], 'email')
 redis.call('PEXPIREAT', KEYS[1], ARGV[7])
 local all = redis.call('HGETALL', KEYS[1])
 table.insert(all, 1, 'confirmed')

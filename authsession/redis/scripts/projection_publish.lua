@@ -7,7 +7,9 @@
 -- KEYS[1]  <GATEWAY_SESSION_KEY_PREFIX><device_session_id>
 -- ARGV[1]  version    ARGV[2] snapshot JSON
 -- ARGV[3]  expires_at in epoch milliseconds    ARGV[4] now in epoch milliseconds
--- Returns  'written' | 'unchanged' | 'stale'
+-- Returns  {'written'} | {'unchanged', held JSON} | {'stale'}
+--          (an unchanged publication appends the document the key holds, so the event
+--          always carries exactly the snapshot gateways can read)
 local current = redis.call('GET', KEYS[1])
 local version = tonumber(ARGV[1])
 if current then
@@ -15,10 +17,10 @@ if current then
   local held = ok and type(doc) == 'table' and tonumber(doc['version']) or nil
   if held ~= nil then
     if held > version then
-      return 'stale'
+      return {'stale'}
     end
     if held == version then
-      return 'unchanged'
+      return {'unchanged', current}
     end
   end
 end
@@ -27,4 +29,4 @@ if tonumber(ARGV[3]) <= tonumber(ARGV[4]) then
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
 end
-return 'written'
+return {'written'}

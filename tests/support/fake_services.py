@@ -229,10 +229,12 @@ class FakeHTTPService:
         with self._lock:
             self._requests.append(request)
             delay = self._delay
+        # The fault is taken on arrival: a delayed handler that wakes after the caller
+        # gave up must not consume a fault meant for a later request.
+        fault = self._next_fault()
         if delay > 0 and self._stopping.wait(delay):
             handler.close_connection = True
             return
-        fault = self._next_fault()
         if fault is not None and fault.drop:
             handler.close_connection = True
             with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from authsession.domain.email import mask_email
 from authsession.domain.units import format_time
@@ -146,10 +147,14 @@ class Telemetry:
         resource = Resource.create(
             {"service.name": os.environ.get("OTEL_SERVICE_NAME") or "authsession"}
         )
-        self.tracer_provider = TracerProvider(resource=resource)
         exporters = list(span_exporters or [])
         for name in _exporter_names("TRACES"):
             exporters.append(_span_exporter(name))
+        # With nothing to export, spans are not recorded (ALWAYS_OFF), which costs almost
+        # nothing, yet still carry valid trace ids: logs keep a trace_id and the user
+        # and mail services still receive a traceparent. OTEL_TRACES_SAMPLER overrides.
+        sampler = None if exporters or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         for exporter in exporters:
             processor = (
                 SimpleSpanProcessor(exporter)

@@ -1,7 +1,8 @@
 """Load benchmark: the real process over a real redis-server, and the floor app.
 
 Prints requests per second and latency percentiles for each scenario. The load comes
-from this one Python process (httpx, asyncio) on the same machine, so the figures are
+from this one Python process (raw asyncio keep-alive connections, bench/loadgen.py) on
+the same machine, so the figures are
 comparable between runs on one machine, not absolute capacity.
 
     make bench                      # default: 5 s per scenario, 32 connections
@@ -20,11 +21,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import Connection, Reply  # noqa: E402
 from tests.support.net import free_port, wait_port  # noqa: E402
 from tests.support.process import AuthsessionProcess  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -32,31 +32,32 @@ from tests.support.redis_server import RedisServer  # noqa: E402
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "32"))
 
-Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+Request = Callable[[Connection, int], Awaitable[Reply]]
 
 
-async def drive(base_url: str, make_request: Request, expect: int = 200) -> dict[str, float]:
-    """Run ``make_request`` from CONCURRENCY workers for SECONDS; latency stats in ms."""
+async def drive(port: int, make_request: Request, expect: int = 200) -> dict[str, float]:
+    """Run ``make_request`` on CONCURRENCY keep-alive connections for SECONDS."""
     latencies: list[float] = []
     errors = 0
     counter = 0
     deadline = time.perf_counter() + SECONDS
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=10) as client:
+    connections = [await Connection.open("127.0.0.1", port) for _ in range(CONCURRENCY)]
 
-        async def worker() -> None:
-            nonlocal errors, counter
-            while time.perf_counter() < deadline:
-                counter += 1
-                started = time.perf_counter()
-                response = await make_request(client, counter)
-                latencies.append((time.perf_counter() - started) * 1000)
-                if response.status_code != expect:
-                    errors += 1
+    async def worker(connection: Connection) -> None:
+        nonlocal errors, counter
+        while time.perf_counter() < deadline:
+            counter += 1
+            started = time.perf_counter()
+            reply = await make_request(connection, counter)
+            latencies.append((time.perf_counter() - started) * 1000)
+            if reply.status != expect:
+                errors += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in connections))
+    elapsed = time.perf_counter() - started
+    for connection in connections:
+        await connection.close()
     latencies.sort()
     return {
         "requests": len(latencies),
@@ -87,60 +88,61 @@ def codes_from(proc: AuthsessionProcess) -> dict[str, str]:
 async def scenarios(proc: AuthsessionProcess) -> None:
     run_id = os.getpid()
 
-    async def send_code(client: httpx.AsyncClient, n: int) -> httpx.Response:
-        return await client.post(
-            "/api/v1/public/auth/send-email-code", json={"email": f"b{run_id}-{n}@example.com"}
+    async def send_code(client: Connection, n: int) -> Reply:
+        return await client.request(
+            "POST", "/api/v1/public/auth/send-email-code", {"email": f"b{run_id}-{n}@example.com"}
         )
 
-    report("public send-email-code (sent)", await drive(proc.public_url, send_code))
+    report("public send-email-code (sent)", await drive(proc.public_port, send_code))
 
-    async def throttled(client: httpx.AsyncClient, n: int) -> httpx.Response:
-        return await client.post(
-            "/api/v1/public/auth/send-email-code", json={"email": f"hot{run_id}@example.com"}
+    async def throttled(client: Connection, n: int) -> Reply:
+        return await client.request(
+            "POST", "/api/v1/public/auth/send-email-code", {"email": f"hot{run_id}@example.com"}
         )
 
-    report("public send-email-code (throttled)", await drive(proc.public_url, throttled))
+    report("public send-email-code (throttled)", await drive(proc.public_port, throttled))
 
     pending = list(codes_from(proc).items())
     sessions: list[str] = []
 
-    async def confirm(client: httpx.AsyncClient, n: int) -> httpx.Response:
+    async def confirm(client: Connection, n: int) -> Reply:
         challenge_id, code = pending[n % len(pending)]
-        response = await client.post(
-            "/api/v1/public/auth/confirm", json={"challenge_id": challenge_id, "code": code}
+        response = await client.request(
+            "POST", "/api/v1/public/auth/confirm", {"challenge_id": challenge_id, "code": code}
         )
-        if response.status_code == 200 and response.json()["created"]:
+        if response.status == 200 and response.json()["created"]:
             sessions.append(response.json()["device_session_id"])
         return response
 
-    report("public confirm (create + replays)", await drive(proc.public_url, confirm))
+    report("public confirm (create + replays)", await drive(proc.public_port, confirm))
 
-    async def wrong(client: httpx.AsyncClient, n: int) -> httpx.Response:
-        return await client.post(
-            "/api/v1/public/auth/confirm",
-            json={"challenge_id": "A" * 32, "code": "000000"},
+    async def wrong(client: Connection, n: int) -> Reply:
+        return await client.request(
+            "POST", "/api/v1/public/auth/confirm", {"challenge_id": "A" * 32, "code": "000000"}
         )
 
-    report("public confirm (unknown, 404)", await drive(proc.public_url, wrong, expect=404))
+    report("public confirm (unknown, 404)", await drive(proc.public_port, wrong, expect=404))
 
-    async def read(client: httpx.AsyncClient, n: int) -> httpx.Response:
-        return await client.get(f"/api/v1/internal/sessions/{sessions[n % len(sessions)]}")
-
-    report("internal get session", await drive(proc.internal_url, read))
-
-    async def revoke(client: httpx.AsyncClient, n: int) -> httpx.Response:
-        return await client.post(
-            f"/api/v1/internal/sessions/{sessions[n % len(sessions)]}/revoke", json={}
+    async def read(client: Connection, n: int) -> Reply:
+        return await client.request(
+            "GET", f"/api/v1/internal/sessions/{sessions[n % len(sessions)]}"
         )
 
-    report("internal revoke (idempotent)", await drive(proc.internal_url, revoke))
+    report("internal get session", await drive(proc.internal_port, read))
+
+    async def revoke(client: Connection, n: int) -> Reply:
+        return await client.request(
+            "POST", f"/api/v1/internal/sessions/{sessions[n % len(sessions)]}/revoke", {}
+        )
+
+    report("internal revoke (idempotent)", await drive(proc.internal_port, revoke))
 
 
 async def floor_scenario(port: int) -> None:
-    async def post(client: httpx.AsyncClient, n: int) -> httpx.Response:
-        return await client.post("/floor", json={"email": "x@example.com"})
+    async def post(client: Connection, n: int) -> Reply:
+        return await client.request("POST", "/floor", {"email": "x@example.com"})
 
-    report("floor: bare FastAPI POST", await drive(f"http://127.0.0.1:{port}", post))
+    report("floor: bare FastAPI POST", await drive(port, post))
 
 
 def main() -> int:

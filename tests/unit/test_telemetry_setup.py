@@ -1,0 +1,60 @@
+"""How the providers are set up from the OTEL_* environment (no export by default)."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+from authsession.telemetry import Telemetry
+
+
+@pytest.fixture(autouse=True)
+def no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_TRACES_SAMPLER",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_without_exporters_spans_are_not_recorded_but_carry_trace_ids() -> None:
+    telemetry = Telemetry(install_global=False)
+    with telemetry.tracer.start_as_current_span("request") as span:
+        context = span.get_span_context()
+        assert not span.is_recording()
+        assert context.is_valid  # logs get a trace_id, outbound calls a traceparent
+    telemetry.shutdown(1)
+
+
+def test_a_configured_exporter_records_every_span() -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(span_exporters=[exporter], install_global=False)
+    with telemetry.tracer.start_as_current_span("request") as span:
+        assert span.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["request"]
+    telemetry.shutdown(1)
+
+
+def test_a_per_signal_otlp_endpoint_turns_that_signal_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9/v1/traces")
+    telemetry = Telemetry(install_global=False)
+    # No span is started: nothing listens at that endpoint, and a flush would wait.
+    assert telemetry.tracer_provider.sampler is not ALWAYS_OFF
+    exporters = [
+        type(p.span_exporter).__name__
+        for p in telemetry.tracer_provider._active_span_processor._span_processors  # type: ignore[attr-defined]
+    ]
+    assert exporters == ["OTLPSpanExporter"]
+    telemetry.shutdown(1)
+
+
+@pytest.mark.parametrize("value", ["zipkin", "jaeger"])
+def test_an_unsupported_exporter_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
+        Telemetry(install_global=False)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.contract import CONFIRM, SEND
 from tests.support.net import LOOPBACK, free_ports
 from tests.support.process import AuthsessionProcess
 from tests.support.redis_server import RedisServer
@@ -21,8 +22,6 @@ from tests.support.redis_server import RedisServer
 pytestmark = pytest.mark.e2e
 
 MAX_BODY = 16 * 1024
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 SID = "Abcdefghijklmnop_-0123"  # a well-formed (unknown) device_session_id / challenge_id
 REVOKE = f"/api/v1/internal/sessions/{SID}/revoke"
 EXTEND = f"/api/v1/internal/sessions/{SID}/extend"

@@ -27,6 +27,7 @@ import httpx
 import pytest
 import redis
 
+from tests.contract import CONFIRM, INTERNAL, SEND, SESSION_FIELDS, error_code
 from tests.support.fake_services import FakeUserService
 from tests.support.net import LOOPBACK, free_ports
 from tests.support.process import AuthsessionProcess
@@ -36,23 +37,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-INTERNAL = "/api/v1/internal"
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 STUB_CODE_EVENT = "stub mail: login code"
-SESSION_FIELDS = {
-    "device_session_id",
-    "user_id",
-    "status",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "revoke_reason",
-    "device_name",
-    "client_ip",
-    "user_agent",
-    "version",
-}
 UNKNOWN_SESSION_ID = "Z" * 32
 
 
@@ -113,13 +98,6 @@ class Service:
 
 def new_email(tag: str = "jane") -> str:
     return f"{tag}.{uuid.uuid4().hex[:12]}@example.com"
-
-
-def error_code(response: httpx.Response) -> str:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    code: str = body["error"]["code"]
-    return code
 
 
 def parse_time(text: str) -> datetime:

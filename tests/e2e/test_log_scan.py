@@ -28,15 +28,13 @@ import httpx
 import pytest
 
 from authsession.domain.email import mask_email, normalize_email
+from tests.contract import CONFIRM, INTERNAL, SEND
 from tests.support.fake_services import FakeMailService, FakeUserService
 from tests.support.process import AuthsessionFactory, AuthsessionProcess
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
-INTERNAL = "/api/v1/internal"
 STUB_CODE_EVENT = "stub mail: login code"
 OUTBOUND_FAILED = "outbound call failed"
 REQUIRED_KEYS = {"timestamp", "level", "event", "request_id", "trace_id"}

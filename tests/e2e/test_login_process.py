@@ -24,13 +24,12 @@ import httpx
 import pytest
 import redis
 
+from tests.contract import CONFIRM, SEND
 from tests.support.process import AuthsessionFactory, AuthsessionProcess
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 STUB_MAIL_EVENT = "stub mail: login code"
 
 

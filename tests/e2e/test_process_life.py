@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.contract import SEND
 from tests.support.fake_services import FakeMailService, FakeUserService
 from tests.support.net import LOOPBACK, free_port, port_accepts
 from tests.support.process import AuthsessionFactory, AuthsessionProcess
@@ -24,7 +25,6 @@ from tests.support.redis_server import RedisServer
 pytestmark = pytest.mark.e2e
 
 P = "AUTHSESSION_"
-SEND = "/api/v1/public/auth/send-email-code"
 RESOLVE = "/api/v1/users/resolve-by-email"
 COMPONENTS = {
     "challenge_store",

@@ -32,6 +32,7 @@ import httpx
 import pytest
 import redis
 
+from tests.contract import CONFIRM, SEND
 from tests.support.fake_services import FakeMailService, FakeUserService, RecordedRequest
 from tests.support.net import LOOPBACK, free_port, free_ports, port_accepts
 from tests.support.process import AuthsessionProcess, port_of
@@ -39,8 +40,6 @@ from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 RESOLVE = "/api/v1/users/resolve-by-email"
 ENSURE = "/api/v1/users/ensure"
 LOGIN_CODE = "/api/v1/mail/login-code"

@@ -44,6 +44,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.contract import CONFIRM, SEND
 from tests.support.net import LOOPBACK, free_ports
 from tests.support.process import AuthsessionProcess
 from tests.support.redis_server import RedisServer
@@ -134,8 +135,6 @@ def test_internal_api_conforms(
 
 
 # --------------------------------------------------------------------------- success paths
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 LIST = "/api/v1/internal/users/{user_id}/sessions"
 READ = "/api/v1/internal/sessions/{device_session_id}"
 EXTEND = "/api/v1/internal/sessions/{device_session_id}/extend"

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from authsession.services.users_stub import stub_user_id
+from tests.contract import SESSION_FIELDS, STREAM
 from tests.integration.conftest import AppEnv, AppFactory
 from tests.integration.test_send_email_code import (
     CONFIRM,
@@ -29,21 +30,6 @@ from tests.integration.test_send_email_code import (
     send,
     sha256_hex,
 )
-
-STREAM = "gateway:session_events"
-SESSION_FIELDS = {
-    "device_session_id",
-    "user_id",
-    "status",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "revoke_reason",
-    "device_name",
-    "client_ip",
-    "user_agent",
-    "version",
-}
 
 
 async def issue(app: AppEnv, mail: FakeMail, email: str = "jane@example.com") -> tuple[str, str]:

@@ -21,26 +21,17 @@ from authsession.domain.errors import ServiceUnavailable, UserNotFound
 from authsession.domain.ports import UserResolution
 from authsession.domain.units import format_time, parse_time
 from authsession.services.users_stub import StubUserDirectory, stub_user_id
+from tests.contract import (
+    INDEX_KEY,
+    INTERNAL,
+    SESSION_FIELDS,
+    SESSION_KEY,
+    SNAPSHOT_KEY,
+    STREAM,
+    error_code,
+)
 from tests.integration.conftest import AppEnv, AppFactory
 
-INTERNAL = "/api/v1/internal"
-SESSION_KEY = "authsession:session:{}"
-INDEX_KEY = "authsession:user_sessions:{}"
-SNAPSHOT_KEY = "gateway:session:{}"
-STREAM = "gateway:session_events"
-SESSION_FIELDS = {
-    "device_session_id",
-    "user_id",
-    "status",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "revoke_reason",
-    "device_name",
-    "client_ip",
-    "user_agent",
-    "version",
-}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 DEFAULT_TTL = timedelta(hours=720)
 UNKNOWN_SESSION_ID = "A" * 32
@@ -84,13 +75,6 @@ async def login(app: AppEnv, email: str = "jane@example.com", **extra: Any) -> L
 
 def epoch_ms(value: datetime) -> int:
     return round(value.timestamp() * 1000)
-
-
-def error_code(response: httpx.Response) -> str:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    code: str = body["error"]["code"]
-    return code
 
 
 def session_hash(app: AppEnv, device_session_id: str) -> dict[str, str]:

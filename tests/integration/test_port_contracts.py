@@ -41,6 +41,7 @@ from authsession.redis.challenges import RedisChallengeStore
 from authsession.redis.projection import RedisProjectionPublisher
 from authsession.redis.sessions import RedisSessionStore
 from authsession.redis.throttle import RedisFailureBudget, RedisRateLimiter, RedisResendThrottle
+from tests.contract import STREAM
 from tests.fakes import (
     FakeChallengeStore,
     FakeConfigProvider,
@@ -57,7 +58,6 @@ from tests.fakes import (
 
 PREFIX = "authsession:"
 SNAPSHOT_PREFIX = "gateway:session:"
-STREAM = "gateway:session_events"
 MAX_ATTEMPTS = 5
 RETENTION = timedelta(hours=1)
 SESSION_RETENTION = timedelta(hours=168)

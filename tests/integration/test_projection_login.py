@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from authsession.services.users_stub import stub_user_id
+from tests.contract import STREAM
 from tests.integration.conftest import AppEnv, AppFactory
 from tests.integration.test_confirm import confirm, issue, session_keys, session_record
 from tests.integration.test_send_email_code import (
@@ -23,7 +24,6 @@ from tests.integration.test_send_email_code import (
     sha256_hex,
 )
 
-STREAM = "gateway:session_events"
 SNAPSHOT_PREFIX = "gateway:session:"
 SNAPSHOT_FIELDS = {
     "device_session_id",

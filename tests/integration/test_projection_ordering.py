@@ -11,15 +11,9 @@ import json
 from datetime import timedelta
 from typing import Any, cast
 
-import httpx
-
 from authsession.domain.units import format_time, parse_time
+from tests.contract import INTERNAL, SESSION_KEY, SNAPSHOT_KEY, STREAM, error_code
 from tests.integration.conftest import AppEnv
-
-INTERNAL = "/api/v1/internal"
-SESSION_KEY = "authsession:session:{}"
-SNAPSHOT_KEY = "gateway:session:{}"
-STREAM = "gateway:session_events"
 
 
 async def login(app: AppEnv, email: str = "jane@example.com") -> tuple[str, str, str]:
@@ -32,11 +26,6 @@ async def login(app: AppEnv, email: str = "jane@example.com") -> tuple[str, str,
     assert response.status_code == 200, response.text
     app.clock.advance(timedelta(seconds=1))
     return response.json()["device_session_id"], challenge_id, code
-
-
-def error_code(response: httpx.Response) -> str:
-    code: str = response.json()["error"]["code"]
-    return code
 
 
 def raw_snapshot(app: AppEnv, device_session_id: str) -> str | None:

@@ -12,16 +12,11 @@ import time
 from datetime import timedelta
 from typing import Any, cast
 
-import httpx
 import pytest
 
 from authsession.settings import Settings
+from tests.contract import INTERNAL, SESSION_KEY, SNAPSHOT_KEY, STREAM, error_code
 from tests.integration.conftest import AppEnv, AppFactory
-
-INTERNAL = "/api/v1/internal"
-SESSION_KEY = "authsession:session:{}"
-SNAPSHOT_KEY = "gateway:session:{}"
-STREAM = "gateway:session_events"
 
 
 async def login(app: AppEnv, email: str = "jane@example.com") -> dict[str, Any]:
@@ -34,11 +29,6 @@ async def login(app: AppEnv, email: str = "jane@example.com") -> dict[str, Any]:
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return {**body, "challenge_id": challenge_id, "code": code}
-
-
-def error_code(response: httpx.Response) -> str:
-    code: str = response.json()["error"]["code"]
-    return code
 
 
 def record(app: AppEnv, sid: str) -> dict[str, str]:

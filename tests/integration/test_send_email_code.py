@@ -19,10 +19,9 @@ import redis
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.ports import LoginCodeMessage, UserResolution
+from tests.contract import CONFIRM, SEND
 from tests.integration.conftest import AppEnv, AppFactory
 
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 PREFIX = "authsession:"
 
 

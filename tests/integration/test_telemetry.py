@@ -48,12 +48,11 @@ from authsession.services.users_stub import StubUserDirectory
 from authsession.settings import Settings
 from authsession.telemetry import Telemetry
 from authsession.wiring import Core, build_core
+from tests.contract import CONFIRM, SEND
 from tests.integration.conftest import ManualClock
 from tests.support.fake_services import FakeMailService, FakeUserService
 from tests.support.redis_server import RedisServer
 
-SEND = "/api/v1/public/auth/send-email-code"
-CONFIRM = "/api/v1/public/auth/confirm"
 REVOKE_ROUTE = "/api/v1/internal/sessions/{device_session_id}/revoke"
 LOGIN_CODE = "/api/v1/mail/login-code"
 

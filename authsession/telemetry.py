@@ -6,6 +6,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from datetime import UTC, datetime
@@ -42,14 +43,25 @@ _SECRET_FIELDS = {"session_token", "token", "password", "authorization", "secret
 _CODE_LOGGERS = {"authsession.mail.stub"}
 
 
+# Anything shaped like an address, wherever it appears (a user id of the user service
+# may be an address, an exception message may quote one).
+_ADDRESS = re.compile(r"[^\s@\"'<>(),;:/]+@[^\s@\"'<>(),;:/]+\.[^\s@\"'<>(),;:/]+")
+
+
+def _mask_addresses(text: str) -> str:
+    if "@" not in text:
+        return text
+    return _ADDRESS.sub(lambda m: mask_email(m.group(0)), text)
+
+
 def _clean(record: logging.LogRecord, key: str, value: Any) -> Any:
     lowered = key.lower()
     if lowered in _SECRET_FIELDS:
         return "[redacted]"
     if lowered == "code" and record.name not in _CODE_LOGGERS:
         return "[redacted]"
-    if lowered == "email" and isinstance(value, str) and "***" not in value:
-        return mask_email(value)
+    if isinstance(value, str):
+        return _mask_addresses(value)
     return value
 
 
@@ -66,7 +78,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "timestamp": format_time(datetime.fromtimestamp(record.created, UTC)),
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "event": _mask_addresses(record.getMessage()),
             "logger": record.name,
             "request_id": request_id_var.get(),
             "trace_id": _trace_id(),
@@ -75,7 +87,9 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_") and key not in entry:
                 entry[key] = _clean(record, key, value)
         if record.exc_info and record.exc_info[0] is not None:
-            entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            entry["exception"] = _mask_addresses(
+                "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            )
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

@@ -172,7 +172,9 @@ class RequestContextMiddleware:
                 extra={
                     "listener": self.listener,
                     "method": method,
-                    "path": scope.get("path"),
+                    # The route template, not the path: ids in paths (user ids may be
+                    # addresses) stay out of the access log.
+                    "route": route_path,
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 3),
                 },

@@ -392,7 +392,7 @@ def test_sigterm_lets_the_in_flight_request_finish(
     ]
     assert process.wait_exit() == 0, process.output_report()
     assert_listeners_stopped(process)
-    served = record_index(process, lambda r: r.get("event") == "request" and r.get("path") == SEND)
+    served = record_index(process, lambda r: r.get("event") == "request" and r.get("route") == SEND)
     signalled = record_index(process, lambda r: r.get("event") == "shutting down")
     stopped = [
         record_index(
@@ -401,7 +401,7 @@ def test_sigterm_lets_the_in_flight_request_finish(
         for n in ("public", "internal")
     ]
     assert signalled < served < min(stopped), process.output_report()
-    assert records(process, "request", path=SEND)[0]["status"] == 200
+    assert records(process, "request", route=SEND)[0]["status"] == 200
 
 
 def test_second_signal_cuts_the_drain_short(

@@ -58,3 +58,27 @@ def test_an_unsupported_exporter_is_refused(monkeypatch: pytest.MonkeyPatch, val
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
         Telemetry(install_global=False)
+
+
+def _format(msg: str, **extra: object) -> dict[str, object]:
+    import json
+    import logging
+
+    from authsession.telemetry import JsonFormatter
+
+    record = logging.LogRecord("authsession.x", logging.INFO, __file__, 1, msg, None, None)
+    record.__dict__.update(extra)
+    parsed: dict[str, object] = json.loads(JsonFormatter().format(record))
+    return parsed
+
+
+def test_addresses_are_masked_in_every_field_and_the_message() -> None:
+    entry = _format("blocked jane.doe@example.com", user_id="bob@corp.example", n=3)
+    assert entry["event"] == "blocked j***@example.com"
+    assert entry["user_id"] == "b***@corp.example"
+    assert entry["n"] == 3
+
+
+def test_secrets_are_redacted_and_codes_only_kept_for_the_stub_mail_logger() -> None:
+    entry = _format("x", session_token="abc.def", code="123456", password="p")
+    assert entry["session_token"] == entry["code"] == entry["password"] == "[redacted]"

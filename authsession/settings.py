@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -293,13 +293,43 @@ def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
     else:
         if retention < window:
             problems[f"{ENV_PREFIX}SESSION_RETENTION"] = RETENTION_RULE
+    problems.update(_redis_mode_problems(raw))
+    return problems
+
+
+def _redis_mode_problems(raw: Callable[[str], str]) -> dict[str, str]:
+    """What ``REDIS_MODE`` (standalone, sentinel, cluster) requires of ``REDIS_ADDR`` and co."""
+    problems: dict[str, str] = {}
     mode = raw("REDIS_MODE")
-    if mode in ("sentinel", "cluster"):
-        problems[f"{ENV_PREFIX}REDIS_MODE"] = (
-            f"{mode} is not supported by this version yet; use standalone"
+    addr = raw("REDIS_ADDR")
+    if mode in ("", "standalone") and "," in addr and "://" not in addr:
+        problems[f"{ENV_PREFIX}REDIS_ADDR"] = (
+            "standalone mode takes one address; a comma-separated list is for "
+            f"{ENV_PREFIX}REDIS_MODE=sentinel or cluster"
         )
-    if raw("REDIS_ADDR").lower().startswith("memory://") and mode not in ("", "standalone"):
-        problems.setdefault(f"{ENV_PREFIX}REDIS_MODE", "memory:// works only in standalone mode")
+    if mode not in ("sentinel", "cluster"):
+        return problems  # standalone, or an unknown mode reported by the field check
+    if addr.lower().startswith("memory://"):
+        problems[f"{ENV_PREFIX}REDIS_MODE"] = "memory:// works only in standalone mode"
+    elif "://" in addr:
+        nodes = "sentinels" if mode == "sentinel" else "cluster nodes"
+        problems[f"{ENV_PREFIX}REDIS_ADDR"] = (
+            f"{ENV_PREFIX}REDIS_MODE={mode} takes a comma-separated list of host:port "
+            f"addresses of the {nodes}, not a URL"
+        )
+    if mode == "sentinel" and not raw("REDIS_SENTINEL_MASTER"):
+        problems[f"{ENV_PREFIX}REDIS_SENTINEL_MASTER"] = (
+            f"required when {ENV_PREFIX}REDIS_MODE=sentinel (the master name the sentinels monitor)"
+        )
+    if mode == "cluster" and raw("REDIS_DB") not in ("", "0"):
+        try:
+            db = int(raw("REDIS_DB"))
+        except ValueError:
+            db = -1  # not a number: reported by the field check
+        if db > 0:
+            problems[f"{ENV_PREFIX}REDIS_DB"] = (
+                f"must be 0 when {ENV_PREFIX}REDIS_MODE=cluster (Redis Cluster has only database 0)"
+            )
     return problems
 
 

@@ -12,13 +12,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from redis.asyncio import Redis
-
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.login import LoginService
 from authsession.domain.ports import Clock, Component, MailSender, UserDirectory
 from authsession.domain.sessions import SessionService
-from authsession.redis.base import Keys
+from authsession.redis.base import Keys, RedisClient
 from authsession.redis.challenges import RedisChallengeStore
 from authsession.redis.config import RedisConfigProvider
 from authsession.redis.connection import create_redis
@@ -55,7 +53,7 @@ class Core:
     """Everything both apps share; built once per process."""
 
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     clock: Clock
     login: LoginService
     sessions: SessionService
@@ -154,7 +152,7 @@ def build_mail(settings: Settings, closers: list[Closer], telemetry: Telemetry) 
 def build_core(
     settings: Settings,
     *,
-    redis: Redis | None = None,
+    redis: RedisClient | None = None,
     users: UserDirectory | None = None,
     mail: MailSender | None = None,
     clock: Clock | None = None,

@@ -11,15 +11,17 @@ from typing import Any, ParamSpec, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from authsession.domain.errors import ServiceUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-RedisClient = Redis
+# The shared client: a plain (standalone or Sentinel-managed) Redis or a cluster client.
+RedisClient = Redis | RedisCluster
 _tracer = trace.get_tracer("authsession.redis")
 
 
@@ -78,7 +80,7 @@ def redis_call(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await call(*args, **kwargs)
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:  # a socket error that redis-py did not wrap
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Session, Snapshot
@@ -64,6 +64,6 @@ class RedisProjectionPublisher(RedisComponent):
                 maxlen=self._maxlen,
                 approximate=True,
             )
-        except (RedisError, OSError, ValueError) as exc:
+        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
             raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
         return result

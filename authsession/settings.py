@@ -275,9 +275,15 @@ def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
                     problems[f"{ENV_PREFIX}{service}_{suffix}"] = (
                         f"required when {ENV_PREFIX}{service}_MODE=rest"
                     )
+
+    def value(name: str, parse: Callable[[str], Any]) -> Any:
+        # The variable parsed, or the field's default: the defaults are written once.
+        text = raw(name)
+        return parse(text) if text else Settings.model_fields[name].default
+
     try:
-        public = parse_listen_address(raw("PUBLIC_HTTP_ADDR") or ":8080")
-        internal = parse_listen_address(raw("INTERNAL_HTTP_ADDR") or ":8081")
+        public = value("PUBLIC_HTTP_ADDR", parse_listen_address)
+        internal = value("INTERNAL_HTTP_ADDR", parse_listen_address)
     except ValueError:
         pass  # reported by the field check
     else:
@@ -286,8 +292,8 @@ def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
                 f"must differ from {ENV_PREFIX}PUBLIC_HTTP_ADDR ({public})"
             )
     try:
-        retention = parse_duration(raw("SESSION_RETENTION") or "168h")
-        window = parse_duration(raw("CONFIRM_IDEMPOTENCY_WINDOW") or "5m")
+        retention = value("SESSION_RETENTION", parse_duration)
+        window = value("CONFIRM_IDEMPOTENCY_WINDOW", parse_duration)
     except ValueError:
         pass  # reported by the field check
     else:

@@ -10,7 +10,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+import httpx
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.login import LoginService
@@ -95,6 +97,20 @@ class Core:
                     await closer()
 
 
+def _service_client(
+    base_url: str | None, timeout: timedelta | None, closers: list[Closer]
+) -> httpx.AsyncClient:
+    """The shared client of one REST service, closed at shutdown."""
+    from authsession.services.http_client import create_client
+
+    # Settings validation guarantees both in rest mode.
+    assert base_url is not None
+    assert timeout is not None
+    client = create_client(base_url, timeout)
+    closers.append(client.aclose)
+    return client
+
+
 def build_users(settings: Settings, closers: list[Closer], telemetry: Telemetry) -> UserDirectory:
     """The user service adapter selected by ``USER_SERVICE_MODE``."""
     match settings.USER_SERVICE_MODE:
@@ -108,15 +124,11 @@ def build_users(settings: Settings, closers: list[Closer], telemetry: Telemetry)
             )
             return StubUserDirectory()
         case "rest":
-            from authsession.services.http_client import create_client
             from authsession.services.users_rest import RestUserDirectory
 
-            assert settings.USER_SERVICE_BASE_URL
-            assert settings.USER_SERVICE_REQUEST_TIMEOUT
-            client = create_client(
-                settings.USER_SERVICE_BASE_URL, settings.USER_SERVICE_REQUEST_TIMEOUT
+            client = _service_client(
+                settings.USER_SERVICE_BASE_URL, settings.USER_SERVICE_REQUEST_TIMEOUT, closers
             )
-            closers.append(client.aclose)
             return RestUserDirectory(client, on_result=telemetry.outbound)
         case other:
             raise ValueError(f"unknown USER_SERVICE_MODE {other!r}")
@@ -135,15 +147,11 @@ def build_mail(settings: Settings, closers: list[Closer], telemetry: Telemetry) 
             )
             return StubMailSender()
         case "rest":
-            from authsession.services.http_client import create_client
             from authsession.services.mail_rest import RestMailSender
 
-            assert settings.MAIL_SERVICE_BASE_URL
-            assert settings.MAIL_SERVICE_REQUEST_TIMEOUT
-            client = create_client(
-                settings.MAIL_SERVICE_BASE_URL, settings.MAIL_SERVICE_REQUEST_TIMEOUT
+            client = _service_client(
+                settings.MAIL_SERVICE_BASE_URL, settings.MAIL_SERVICE_REQUEST_TIMEOUT, closers
             )
-            closers.append(client.aclose)
             return RestMailSender(client, on_result=telemetry.outbound)
         case other:
             raise ValueError(f"unknown MAIL_SERVICE_MODE {other!r}")

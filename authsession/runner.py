@@ -163,6 +163,7 @@ async def _serve(core: Core, signals: _Signals) -> int:
     signals.stage = "serving"
 
     core.config.start()
+    core.scrubber.start()
     tasks = {
         name: asyncio.create_task(server.serve(sockets=[sockets[name]]), name=f"listener-{name}")
         for name, server in servers.items()
@@ -191,3 +192,4 @@ async def _serve(core: Core, signals: _Signals) -> int:
     finally:
         signals.stage = "closing"
         await core.config.stop()
+        await core.scrubber.stop()

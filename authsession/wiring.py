@@ -19,7 +19,7 @@ from authsession.domain.login import LoginService
 from authsession.domain.ports import Clock, Component, MailSender, UserDirectory
 from authsession.domain.sessions import SessionService
 from authsession.redis.base import Keys, RedisClient
-from authsession.redis.challenges import RedisChallengeStore
+from authsession.redis.challenges import RedisChallengeStore, TokenScrubber
 from authsession.redis.config import RedisConfigProvider
 from authsession.redis.connection import create_redis
 from authsession.redis.projection import RedisProjectionPublisher
@@ -31,6 +31,8 @@ from authsession.telemetry import Telemetry
 log = logging.getLogger("authsession")
 
 Closer = Callable[[], Awaitable[None]]
+# How often plain session tokens past their idempotency window are removed.
+TOKEN_SCRUB_INTERVAL = timedelta(seconds=1)
 
 
 class SystemClock:
@@ -65,6 +67,7 @@ class Core:
     mail: MailSender
     components: dict[str, Component]
     telemetry: Telemetry
+    scrubber: TokenScrubber
     closers: list[Closer] = field(default_factory=list)
 
     async def check(self) -> None:
@@ -91,6 +94,7 @@ class Core:
         """Close outbound clients, then Redis; each bounded by the shutdown budget."""
         budget = self.settings.SHUTDOWN_TIMEOUT.total_seconds()
         await self.config.stop()
+        await self.scrubber.stop()
         for closer in [*self.closers, self.redis.aclose]:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(budget):
@@ -229,5 +233,6 @@ def build_core(
             "resend_throttle": throttle,
         },
         telemetry=telemetry,
+        scrubber=TokenScrubber(challenges, clock, TOKEN_SCRUB_INTERVAL),
         closers=closers,
     )

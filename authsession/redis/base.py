@@ -55,6 +55,10 @@ class Keys:
         """``<prefix>blocked_user:<user_id>``: recent blocks, checked at confirm."""
         return f"{self.prefix}blocked_user:{user_id}"
 
+    def token_scrub(self) -> str:
+        """``<prefix>token_scrub``: confirmed challenges by the end of their window."""
+        return f"{self.prefix}token_scrub"
+
     def config(self) -> str:
         """``<prefix>config``."""
         return f"{self.prefix}config"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
+from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Challenge, ChallengeStatus
-from authsession.domain.ports import AttemptOutcome, AttemptResult
+from authsession.domain.ports import AttemptOutcome, AttemptResult, Clock
 from authsession.domain.units import format_time, parse_time, to_epoch_ms
 from authsession.redis.base import (
     Keys,
@@ -17,6 +21,9 @@ from authsession.redis.base import (
     pairs,
     redis_call,
 )
+
+log = logging.getLogger("authsession.challenges")
+SCRUB_BATCH = 500
 
 
 def challenge_fields(challenge: Challenge) -> dict[str, str]:
@@ -123,7 +130,15 @@ class RedisChallengeStore(RedisComponent):
         expires_at: datetime,
         retention: timedelta,
     ) -> Challenge | None:
-        """See ``scripts/challenge_confirm.lua``."""
+        """See ``scripts/challenge_confirm.lua``.
+
+        The scrub of the plain token is scheduled first: scheduling one for a challenge
+        that then is not confirmed is harmless, while a confirm whose scheduling failed
+        would keep its token for the whole retention.
+        """
+        await self._redis.zadd(
+            self._keys.token_scrub(), {challenge_id: to_epoch_ms(expires_at)}, nx=True
+        )
         reply = await self._confirm(
             keys=[self._keys.challenge(challenge_id)],
             args=[
@@ -139,3 +154,59 @@ class RedisChallengeStore(RedisComponent):
         if str(reply[0]) != "confirmed":
             return None
         return challenge_from(challenge_id, pairs(reply[1:]))
+
+    @redis_call
+    async def scrub_tokens(self, now: datetime, batch: int = SCRUB_BATCH) -> int:
+        """Remove the plain ``session_token`` of challenges past their idempotency window.
+
+        The contract keeps the token in plain form only for the idempotency window, but
+        the record itself stays for ``CHALLENGE_RETENTION`` (to answer 410): the token
+        field is deleted once the window is over. Idempotent, so every replica may run it.
+        Returns how many challenges were scrubbed.
+        """
+        due = [
+            str(member)
+            for member in await self._redis.zrangebyscore(
+                self._keys.token_scrub(), "-inf", to_epoch_ms(now), start=0, num=batch
+            )
+        ]
+        if not due:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for challenge_id in due:
+                pipe.hdel(self._keys.challenge(challenge_id), "session_token")
+            await pipe.execute()
+        await self._redis.zrem(self._keys.token_scrub(), *due)
+        return len(due)
+
+
+class TokenScrubber:
+    """Runs :meth:`RedisChallengeStore.scrub_tokens` in the background."""
+
+    def __init__(self, store: RedisChallengeStore, clock: Clock, interval: timedelta) -> None:
+        self._store = store
+        self._clock = clock
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start scrubbing every ``interval``."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="token-scrub")
+
+    async def stop(self) -> None:
+        """Stop the background task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                while await self._store.scrub_tokens(self._clock.now()) == SCRUB_BATCH:
+                    pass  # a full batch: more may be due
+            except ServiceUnavailable as exc:
+                log.warning("token scrub failed", extra={"cause": exc.cause})
+            await asyncio.sleep(self._interval.total_seconds())

@@ -181,8 +181,15 @@ async def _serve(core: Core, signals: _Signals) -> int:
         if not all(s.started for s in servers.values()):
             for server in servers.values():
                 server.should_exit = True
+        # One listener ending on its own (a crash) stops the other: a process serving
+        # only one of its two APIs would look alive to its supervisor.
+        await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        if signals.count == 0:
+            log.error("a listener stopped without a signal; stopping the other")
+        for server in servers.values():
+            server.should_exit = True
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        status = 0
+        status = 0 if signals.count else 1
         for name, result in zip(tasks, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("listener failed", extra={"listener": name, "cause": repr(result)})
@@ -191,5 +198,7 @@ async def _serve(core: Core, signals: _Signals) -> int:
         return status
     finally:
         signals.stage = "closing"
+        for sock in sockets.values():
+            sock.close()  # uvicorn closes them on a normal stop; not when a server crashed
         await core.config.stop()
         await core.scrubber.stop()

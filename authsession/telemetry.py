@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 from datetime import UTC, datetime
 from typing import Any
@@ -246,12 +247,28 @@ class Telemetry:
         )
 
     def shutdown(self, timeout: float) -> None:
-        """Flush and stop both providers (last step of the shutdown)."""
+        """Flush and stop both providers, waiting at most ``timeout`` seconds.
+
+        The SDK's span flush waits for its exporter's own timeout whatever it is told, so
+        the flush runs in a daemon thread that is abandoned when the budget is spent: an
+        unreachable collector cannot hold the process past its shutdown budget.
+        """
         millis = int(timeout * 1000)
-        self.tracer_provider.force_flush(millis)
-        self.tracer_provider.shutdown()
-        self.meter_provider.force_flush(millis)
-        self.meter_provider.shutdown(millis)
+
+        def flush() -> None:
+            self.tracer_provider.force_flush(millis)
+            self.tracer_provider.shutdown()
+            self.meter_provider.force_flush(millis)
+            self.meter_provider.shutdown(millis)
+
+        worker = threading.Thread(target=flush, name="telemetry-flush", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            logging.getLogger("authsession").warning(
+                "telemetry flush abandoned after the shutdown budget",
+                extra={"budget_s": timeout},
+            )
 
 
 def _span_exporter(name: str) -> SpanExporter:

@@ -84,11 +84,9 @@ class RequestContextMiddleware:
             f"{method} {self.listener}",
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={
-                "authsession.listener": self.listener,
-                "http.request.method": method,
-                "url.path": str(scope.get("path", "")),
-            },
+            # No url.path: ids in paths (user ids may be addresses) stay out of traces;
+            # http.route (the template) is added once routing is known.
+            attributes={"authsession.listener": self.listener, "http.request.method": method},
         )
         span_token = otel_context.attach(trace.set_span_in_context(span))
         started = time.perf_counter()

@@ -76,7 +76,7 @@ def _retry() -> Retry:
     # pool). Standalone and Sentinel retry only connection errors, not timeouts: a call
     # that timed out has used its budget, and the caller answers 503 after one operation
     # timeout. (The cluster client decides itself which errors it retries; see below.)
-    return Retry(NoBackoff(), 1)
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 def _common_options(settings: Settings) -> dict[str, Any]:

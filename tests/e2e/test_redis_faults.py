@@ -127,3 +127,26 @@ def test_no_500_and_no_traceback_in_the_answers_while_redis_is_down(
     failures = [r for r in process.log_records() if r.get("event") == "dependency unavailable"]
     assert failures
     assert {r["dependency"] for r in failures} <= {"redis", "projection"}
+
+
+def test_a_call_to_a_hung_redis_is_not_retried_past_its_timeout(
+    authsession_process: AuthsessionFactory, dedicated_redis: RedisServer
+) -> None:
+    # Reading one session is one Redis call: with a 1 s operation timeout it must answer
+    # after about 1 s. A retried timeout would take 2 s.
+    process = authsession_process(
+        {
+            "AUTHSESSION_REDIS_ADDR": dedicated_redis.addr,
+            "AUTHSESSION_REDIS_OPERATION_TIMEOUT": "1s",
+        }
+    )
+    process.wait_ready()
+    dedicated_redis.pause()
+    try:
+        started = time.monotonic()
+        response = httpx.get(f"{process.internal_url}{INTERNAL}/sessions/{'C' * 32}", timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        dedicated_redis.resume()
+    assert response.status_code == 503
+    assert 0.9 < elapsed < 1.8, elapsed

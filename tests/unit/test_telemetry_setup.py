@@ -82,3 +82,26 @@ def test_addresses_are_masked_in_every_field_and_the_message() -> None:
 def test_secrets_are_redacted_and_codes_only_kept_for_the_stub_mail_logger() -> None:
     entry = _format("x", session_token="abc.def", code="123456", password="p")
     assert entry["session_token"] == entry["code"] == entry["password"] == "[redacted]"
+
+
+def test_a_stuck_flush_is_abandoned_after_the_shutdown_budget() -> None:
+    import threading
+    import time
+
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    release = threading.Event()
+
+    class StuckReader(InMemoryMetricReader):
+        """A reader whose flush hangs like an export to an unreachable collector."""
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            release.wait(30)
+            return True
+
+    telemetry = Telemetry(metric_readers=[StuckReader()], install_global=False)
+    started = time.monotonic()
+    telemetry.shutdown(0.3)
+    elapsed = time.monotonic() - started
+    release.set()  # let the abandoned daemon thread finish
+    assert elapsed < 2, elapsed

@@ -18,8 +18,8 @@ from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.login import LoginService
 from authsession.domain.ports import Clock, Component, MailSender, UserDirectory
 from authsession.domain.sessions import SessionService
-from authsession.redis.base import Keys, RedisClient
-from authsession.redis.challenges import RedisChallengeStore, TokenScrubber
+from authsession.redis.base import Keys, PeriodicTask, RedisClient
+from authsession.redis.challenges import RedisChallengeStore, token_scrubber
 from authsession.redis.config import RedisConfigProvider
 from authsession.redis.connection import create_redis
 from authsession.redis.projection import RedisProjectionPublisher
@@ -67,7 +67,7 @@ class Core:
     mail: MailSender
     components: dict[str, Component]
     telemetry: Telemetry
-    scrubber: TokenScrubber
+    scrubber: PeriodicTask
     closers: list[Closer] = field(default_factory=list)
 
     async def check(self) -> None:
@@ -233,6 +233,6 @@ def build_core(
             "resend_throttle": throttle,
         },
         telemetry=telemetry,
-        scrubber=TokenScrubber(challenges, clock, TOKEN_SCRUB_INTERVAL),
+        scrubber=token_scrubber(challenges, clock, TOKEN_SCRUB_INTERVAL),
         closers=closers,
     )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
@@ -23,6 +27,7 @@ T = TypeVar("T")
 # The shared client: a plain (standalone or Sentinel-managed) Redis or a cluster client.
 RedisClient = Redis | RedisCluster
 _tracer = trace.get_tracer("authsession.redis")
+_log = logging.getLogger("authsession.redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +133,45 @@ class RedisComponent:
     async def ping(self) -> None:
         """One ``PING`` round trip."""
         await self._redis.ping()
+
+
+class PeriodicTask:
+    """Runs ``step`` every ``interval`` in the background until stopped.
+
+    A Redis failure of one run is logged as ``failure_event`` and the next run comes at
+    the usual time: background work never stops on a transient outage.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        interval: timedelta,
+        step: Callable[[], Coroutine[Any, Any, object]],
+        failure_event: str,
+    ) -> None:
+        self._name = name
+        self._interval = interval.total_seconds()
+        self._step = step
+        self._failure_event = failure_event
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the background runs (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def stop(self) -> None:
+        """Cancel the background runs and wait for them to end."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except ServiceUnavailable as exc:
+                _log.warning(self._failure_event, extra={"cause": exc.cause})
+            await asyncio.sleep(self._interval)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Challenge, ChallengeStatus
 from authsession.domain.ports import AttemptOutcome, AttemptResult, Clock
 from authsession.domain.units import format_time, parse_time, to_epoch_ms
 from authsession.redis.base import (
     Keys,
+    PeriodicTask,
     RedisClient,
     RedisComponent,
     as_strings,
@@ -180,33 +178,11 @@ class RedisChallengeStore(RedisComponent):
         return len(due)
 
 
-class TokenScrubber:
-    """Runs :meth:`RedisChallengeStore.scrub_tokens` in the background."""
+def token_scrubber(store: RedisChallengeStore, clock: Clock, interval: timedelta) -> PeriodicTask:
+    """Runs :meth:`RedisChallengeStore.scrub_tokens` every ``interval``."""
 
-    def __init__(self, store: RedisChallengeStore, clock: Clock, interval: timedelta) -> None:
-        self._store = store
-        self._clock = clock
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+    async def scrub_due() -> None:
+        while await store.scrub_tokens(clock.now()) == SCRUB_BATCH:
+            pass  # a full batch: more may be due
 
-    def start(self) -> None:
-        """Start scrubbing every ``interval``."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="token-scrub")
-
-    async def stop(self) -> None:
-        """Stop the background task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                while await self._store.scrub_tokens(self._clock.now()) == SCRUB_BATCH:
-                    pass  # a full batch: more may be due
-            except ServiceUnavailable as exc:
-                log.warning("token scrub failed", extra={"cause": exc.cause})
-            await asyncio.sleep(self._interval.total_seconds())
+    return PeriodicTask("token-scrub", interval, scrub_due, "token scrub failed")

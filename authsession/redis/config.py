@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import RuntimeConfig
 from authsession.domain.units import parse_bool, parse_duration, parse_rate_limit
-from authsession.redis.base import Keys, RedisClient, RedisComponent, as_strings, redis_call
+from authsession.redis.base import (
+    Keys,
+    PeriodicTask,
+    RedisClient,
+    RedisComponent,
+    as_strings,
+    redis_call,
+)
 
 log = logging.getLogger("authsession.config")
 
@@ -61,7 +65,9 @@ class RedisConfigProvider(RedisComponent):
         # The last good value of each overridden field: a field that stops parsing keeps it.
         self._good: dict[str, Any] = {}
         self._warned: dict[str, str] = {}  # field -> the bad value already warned about
-        self._task: asyncio.Task[None] | None = None
+        self._refresher = PeriodicTask(
+            "config-refresh", interval, self.refresh, "runtime config refresh failed"
+        )
 
     def current(self) -> RuntimeConfig:
         """The configuration in force (no I/O)."""
@@ -99,21 +105,8 @@ class RedisConfigProvider(RedisComponent):
 
     def start(self) -> None:
         """Start re-reading in the background."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="config-refresh")
+        self._refresher.start()
 
     async def stop(self) -> None:
         """Stop the background refresh."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except ServiceUnavailable as exc:
-                log.warning("runtime config refresh failed", extra={"cause": exc.cause})
-            await asyncio.sleep(self._interval.total_seconds())
+        await self._refresher.stop()

@@ -24,7 +24,7 @@ RUN groupadd --system --gid 10001 authsession \
     && useradd --system --uid 10001 --gid authsession --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin authsession
 COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels
+RUN pip install "$(echo /wheels/*.whl)[server]" && rm -rf /wheels
 USER 10001:10001
 EXPOSE 8080 8081
 # SIGTERM drains both listeners (AUTHSESSION_SHUTDOWN_TIMEOUT) and exits 0; give the

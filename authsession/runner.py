@@ -162,8 +162,7 @@ async def _serve(core: Core, signals: _Signals) -> int:
     signals.servers = list(servers.values())
     signals.stage = "serving"
 
-    core.config.start()
-    core.scrubber.start()
+    core.start_background()
     tasks = {
         name: asyncio.create_task(server.serve(sockets=[sockets[name]]), name=f"listener-{name}")
         for name, server in servers.items()
@@ -200,5 +199,4 @@ async def _serve(core: Core, signals: _Signals) -> int:
         signals.stage = "closing"
         for sock in sockets.values():
             sock.close()  # uvicorn closes them on a normal stop; not when a server crashed
-        await core.config.stop()
-        await core.scrubber.stop()
+        await core.stop_background()

@@ -72,6 +72,12 @@ def _positive(value: timedelta) -> timedelta:
     return value
 
 
+def _not_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise ValueError("must not be a negative duration")
+    return value
+
+
 def _bool(value: Any) -> Any:
     return parse_bool(value) if isinstance(value, str) else value
 
@@ -109,6 +115,7 @@ def _http_url(value: str | None) -> str | None:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_positive)]
+OptionalDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_not_negative)]
 Bool = Annotated[bool, BeforeValidator(_bool)]
 Address = Annotated[ListenAddress, NoDecode, BeforeValidator(_address)]
 CsvOrigins = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_csv), AfterValidator(_origins)]
@@ -170,6 +177,8 @@ class Settings(BaseSettings):
     MAX_ACTIVE_SESSIONS_PER_USER: int = Field(default=0, ge=0)
     SIGNUP_ENABLED: Bool = True
     CONFIG_REFRESH_INTERVAL: Duration = timedelta(seconds=10)
+    # 0 turns the periodic reconciliation off.
+    PROJECTION_RECONCILE_INTERVAL: OptionalDuration = timedelta(minutes=1)
 
     INTERNAL_API_TOKEN: SecretStr | None = None
     PUBLIC_CORS_ALLOWED_ORIGINS: CsvOrigins = ()

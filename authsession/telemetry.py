@@ -127,7 +127,9 @@ def configure_logging(level: str, fmt: str) -> None:
 
 TRACER_NAME = "authsession"
 # Revoke reasons are free-form ([a-z0-9_.-]{1,64}); metric attributes must stay bounded.
-KNOWN_REASONS = frozenset({"revoked_by_backend", "user_blocked", "session_limit"})
+KNOWN_REASONS = frozenset(
+    {"revoked_by_backend", "user_blocked", "session_limit", "source_lost", "logout"}
+)
 
 
 def _exporter_names(signal: str) -> list[str]:
@@ -198,6 +200,10 @@ class Telemetry:
         self._publishes = meter.create_counter(
             "authsession.projection.publishes", description="Projection publications by result"
         )
+        self._drift = meter.create_counter(
+            "authsession.projection.drift",
+            description="Projection drift found by the reconciler, by kind",
+        )
         self._outbound = meter.create_histogram(
             "authsession.outbound.duration",
             unit="s",
@@ -226,6 +232,10 @@ class Telemetry:
     def projection_published(self, result: str) -> None:
         """One projection publication."""
         self._publishes.add(1, {"result": result})
+
+    def projection_drift(self, kind: str, count: int) -> None:
+        """``count`` findings of drift of ``kind`` in one reconciliation."""
+        self._drift.add(count, {"kind": kind})
 
     # REST adapters' hook
     def outbound(self, service: str, result: str, seconds: float) -> None:

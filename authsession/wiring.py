@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.login import LoginService
 from authsession.domain.ports import Clock, Component, MailSender, UserDirectory
 from authsession.domain.sessions import SessionService
-from authsession.redis.base import Keys, PeriodicTask, RedisClient
+from authsession.redis.base import Keys, Lease, PeriodicTask, RedisClient
 from authsession.redis.challenges import RedisChallengeStore, token_scrubber
 from authsession.redis.config import RedisConfigProvider
 from authsession.redis.connection import create_redis
 from authsession.redis.projection import RedisProjectionPublisher
+from authsession.redis.reconciler import ProjectionReconciler
 from authsession.redis.sessions import RedisSessionStore
 from authsession.redis.throttle import RedisFailureBudget, RedisRateLimiter, RedisResendThrottle
 from authsession.settings import Settings
@@ -33,6 +35,8 @@ log = logging.getLogger("authsession")
 Closer = Callable[[], Awaitable[None]]
 # How often plain session tokens past their idempotency window are removed.
 TOKEN_SCRUB_INTERVAL = timedelta(seconds=1)
+# The token scrub's lease: a holder that stops renewing is replaced after this.
+LEASE_TTL = timedelta(seconds=5)
 
 
 class SystemClock:
@@ -68,7 +72,21 @@ class Core:
     components: dict[str, Component]
     telemetry: Telemetry
     scrubber: PeriodicTask
+    reconciler: ProjectionReconciler
     closers: list[Closer] = field(default_factory=list)
+    background: list[PeriodicTask] = field(default_factory=list)
+
+    def start_background(self) -> None:
+        """Start the periodic jobs: config refresh, token scrub, reconciliation."""
+        self.config.start()
+        for task in self.background:
+            task.start()
+
+    async def stop_background(self) -> None:
+        """Stop the periodic jobs (idempotent)."""
+        await self.config.stop()
+        for task in self.background:
+            await task.stop()
 
     async def check(self) -> None:
         """Bounded ``PING`` of each domain component, in order; raise on the first failure."""
@@ -93,8 +111,7 @@ class Core:
     async def aclose(self) -> None:
         """Close outbound clients, then Redis; each bounded by the shutdown budget."""
         budget = self.settings.SHUTDOWN_TIMEOUT.total_seconds()
-        await self.config.stop()
-        await self.scrubber.stop()
+        await self.stop_background()
         for closer in [*self.closers, self.redis.aclose]:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(budget):
@@ -190,8 +207,9 @@ def build_core(
         settings.GATEWAY_SESSION_KEY_PREFIX,
         settings.GATEWAY_SESSION_EVENTS_STREAM,
         settings.GATEWAY_SESSION_EVENTS_MAXLEN,
+        keys=keys,
     )
-    throttle = RedisResendThrottle(client, keys)
+    throttle = RedisResendThrottle(client, keys, settings.REDIS_OPERATION_TIMEOUT)
     failures = RedisFailureBudget(client, keys)
     sessions = SessionService(
         store=session_store,
@@ -215,6 +233,28 @@ def build_core(
         fixed=fixed,
         metrics=telemetry,
     )
+    scrubber = token_scrubber(
+        challenges,
+        clock,
+        TOKEN_SCRUB_INTERVAL,
+        Lease(client, keys.lease("token_scrub"), LEASE_TTL),
+    )
+    reconciler = ProjectionReconciler(
+        client, keys, projection, sessions.publish, clock, metrics=telemetry
+    )
+    background = [scrubber]
+    interval = settings.PROJECTION_RECONCILE_INTERVAL
+    if interval > timedelta(0):
+        background.append(
+            PeriodicTask(
+                "projection-reconcile",
+                interval,
+                functools.partial(reconciler.run, repair=True),
+                "projection reconciliation failed",
+                # Held a little longer than a run's interval, so the holder keeps it.
+                Lease(client, keys.lease("projection_reconcile"), interval * 2),
+            )
+        )
     return Core(
         settings=settings,
         redis=client,
@@ -233,6 +273,8 @@ def build_core(
             "resend_throttle": throttle,
         },
         telemetry=telemetry,
-        scrubber=token_scrubber(challenges, clock, TOKEN_SCRUB_INTERVAL),
+        scrubber=scrubber,
+        reconciler=reconciler,
         closers=closers,
+        background=background,
     )

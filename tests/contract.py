@@ -6,6 +6,9 @@ path, key or field in the code shows up as a failing test.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import httpx
 
 SEND = "/api/v1/public/auth/send-email-code"
@@ -13,8 +16,23 @@ CONFIRM = "/api/v1/public/auth/confirm"
 INTERNAL = "/api/v1/internal"
 
 CHALLENGE_KEY = "authsession:challenge:{}"
-SESSION_KEY = "authsession:session:{}"
-INDEX_KEY = "authsession:user_sessions:{}"
+
+
+def slot_tag(value: str) -> str:
+    """The hash tag of a user's keys (§12/§7): 4 URL-safe characters of its SHA-256."""
+    return base64.urlsafe_b64encode(hashlib.sha256(value.encode()).digest()[:3]).decode()
+
+
+def session_key(device_session_id: str, prefix: str = "authsession:") -> str:
+    """A session record: tagged with the user's tag, which the session id starts with."""
+    return f"{prefix}session:{{{device_session_id[:4]}}}:{device_session_id}"
+
+
+def index_key(user_id: str, prefix: str = "authsession:") -> str:
+    """A user's session index, in the user's slot."""
+    return f"{prefix}user_sessions:{{{slot_tag(user_id)}}}:{user_id}"
+
+
 SNAPSHOT_KEY = "gateway:session:{}"
 STREAM = "gateway:session_events"
 

@@ -47,16 +47,25 @@ from authsession.domain.model import (
     Snapshot,
 )
 from authsession.domain.ports import (
+    AppendPolicy,
     AttemptOutcome,
     AttemptResult,
     Clock,
+    CreateOutcome,
+    CreateResult,
     ExtendResult,
     LoginCodeMessage,
     PublishResult,
     UserResolution,
 )
 from authsession.domain.sessions import ClientInfo, SessionService
-from authsession.domain.units import RateLimit, to_epoch_ms
+from authsession.domain.units import (
+    RateLimit,
+    format_time,
+    from_epoch_ms,
+    parse_time,
+    to_epoch_ms,
+)
 
 # The contract's defaults (CONTRACT §3).
 DEFAULT_RUNTIME = RuntimeConfig(
@@ -326,20 +335,68 @@ class FakeSessionStore(Faulty):
         """Every live record, in no particular order."""
         return [self._records.get(k) for k in self._records.live_keys()]
 
-    async def create(self, session: Session, retention: timedelta) -> bool:
-        """Index first (``ZADD NX``), then write the record unless one exists."""
+    async def create(
+        self, session: Session, retention: timedelta, *, limit: int, now: datetime
+    ) -> CreateOutcome:
+        """``session_create.lua``: one atomic step with the block marker and the limit."""
         await self._step("create")
+        existing: Session | None = self._records.get(session.device_session_id)
+        if existing is not None:
+            return CreateOutcome(CreateResult.EXISTS, existing)
+        if self._blocks.get(session.user_id) is not None:
+            return CreateOutcome(CreateResult.BLOCKED)
         index = self._index.setdefault(session.user_id, {})
+        if limit > 0 and index:
+            # The new session is the newest: its time is moved past every indexed one.
+            newest = from_epoch_ms(max(index.values()) + 1)
+            if newest > session.created_at:
+                session = replace(session, created_at=newest)
         index.setdefault(session.device_session_id, to_epoch_ms(session.created_at))
-        await self._step("create.record")
-        if self._records.get(session.device_session_id) is not None:
-            return False
-        self._records.put(
-            session.device_session_id,
-            _stored_session(session),
-            session.expires_at + retention,
+        stored = _stored_session(session)
+        self._records.put(session.device_session_id, stored, session.expires_at + retention)
+        evicted: list[Session] = []
+        if limit > 0:
+            active = [
+                (score, device_session_id)
+                for device_session_id, score in index.items()
+                if device_session_id != session.device_session_id
+                and (record := self._records.get(device_session_id)) is not None
+                and record.revoked_at is None
+                and record.expires_at > ms(now)
+            ]
+            active.sort(reverse=True)
+            for _, device_session_id in active[limit - 1 :]:
+                record = self._revoke_record(device_session_id, "session_limit", now)
+                evicted.append(record)
+        return CreateOutcome(CreateResult.CREATED, stored, tuple(evicted))
+
+    def _revoke_record(self, device_session_id: str, reason: str, now: datetime) -> Session:
+        record: Session | None = self._records.get(device_session_id)
+        assert record is not None
+        record = replace(
+            record, revoked_at=ms(now), revoke_reason=reason, version=record.version + 1
         )
-        return True
+        drop_at = self._records.drop_at(device_session_id)
+        assert drop_at is not None
+        self._records.put(device_session_id, record, drop_at)  # the key keeps its expiry
+        return record
+
+    async def revoke_all(
+        self, user_id: str, reason: str, now: datetime, except_session_id: str | None
+    ) -> list[tuple[Session, bool]]:
+        """``session_revoke_all.lua``: every indexed session but one, atomically."""
+        await self._step("revoke_all")
+        out: list[tuple[Session, bool]] = []
+        index = self._index.get(user_id, {})
+        for device_session_id in sorted(index, key=lambda i: (index[i], i), reverse=True):
+            record: Session | None = self._records.get(device_session_id)
+            if record is None or device_session_id == except_session_id:
+                continue
+            if record.revoked_at is None:
+                out.append((self._revoke_record(device_session_id, reason, now), True))
+            else:
+                out.append((record, False))
+        return out
 
     async def get(self, device_session_id: str) -> Session | None:
         """The live record, or ``None``."""
@@ -378,13 +435,7 @@ class FakeSessionStore(Faulty):
             return None
         if record.revoked_at is not None:
             return record, False
-        record = replace(
-            record, revoked_at=ms(now), revoke_reason=reason, version=record.version + 1
-        )
-        drop_at = self._records.drop_at(device_session_id)
-        assert drop_at is not None
-        self._records.put(device_session_id, record, drop_at)  # the key keeps its expiry
-        return record, True
+        return self._revoke_record(device_session_id, reason, now), True
 
     async def extend(
         self, device_session_id: str, expires_at: datetime, now: datetime, retention: timedelta
@@ -537,6 +588,8 @@ class FakeProjection(Faulty):
         self._clock = clock
         self._snapshots = _ExpiringMap(clock)
         self.events: list[dict[str, str]] = []
+        # Versions whose snapshot is written but whose event is not appended yet.
+        self.pending: dict[str, int] = {}
 
     def raw_snapshot(self, device_session_id: str) -> str | None:
         """The JSON string under the snapshot key, if any."""
@@ -555,39 +608,94 @@ class FakeProjection(Faulty):
         """The events of one session, oldest first."""
         return [e for e in self.events if e["device_session_id"] == device_session_id]
 
-    async def publish(self, session: Session, now: datetime) -> PublishResult:
-        """Write unless the key holds the same or a higher version, then append the event."""
+    async def publish(
+        self, session: Session, now: datetime, append: AppendPolicy = "always"
+    ) -> PublishResult:
+        """Write unless the key holds the same or a higher version, then append the event
+        (an unchanged snapshot appends again with ``always``, or while its event is
+        pending)."""
         await self._step("publish")
         snapshot = Snapshot(session=session, published_at=now)
-        document = snapshot.to_json()
-        held_raw = self.raw_snapshot(session.device_session_id)
+        return await self._write(
+            session.device_session_id,
+            session.user_id,
+            session.version,
+            snapshot.to_json(),
+            session.expires_at,
+            now,
+            append,
+        )
+
+    async def revoke_orphan(self, device_session_id: str, now: datetime) -> PublishResult | None:
+        """An active snapshot without a record becomes ``revoked`` / ``source_lost``."""
+        await self._step("publish")
+        held = self.snapshot(device_session_id)
+        if held is None:
+            return None
+        if held["status"] != "active":
+            return PublishResult.UNCHANGED
+        version = int(held["version"]) + 1
+        held.update(
+            status="revoked",
+            revoked_at=format_time(now),
+            revoke_reason="source_lost",
+            version=version,
+            published_at=format_time(now),
+        )
+        return await self._write(
+            device_session_id,
+            str(held["user_id"]),
+            version,
+            json.dumps(held, separators=(",", ":")),
+            parse_time(str(held["expires_at"])),
+            now,
+            "always",
+        )
+
+    async def _write(
+        self,
+        device_session_id: str,
+        user_id: str,
+        version: int,
+        document: str,
+        expires_at: datetime,
+        now: datetime,
+        append: AppendPolicy,
+    ) -> PublishResult:
+        held_raw = self.raw_snapshot(device_session_id)
         held = None if held_raw is None else json.loads(held_raw)
-        status = snapshot.status
-        if held is not None and int(held["version"]) > session.version:
+        status = str(json.loads(document)["status"])
+        if held is not None and int(held["version"]) > version:
             return PublishResult.STALE
-        if held is not None and int(held["version"]) == session.version:
+        if held is not None and int(held["version"]) == version:
             result = PublishResult.UNCHANGED
             # The event repeats the document the key holds, not the one offered.
             assert held_raw is not None
             document = held_raw
             status = str(held.get("status", status))
+            if append == "if_needed" and self.pending.get(device_session_id) != version:
+                return result
         else:
             result = PublishResult.WRITTEN
-            if to_epoch_ms(session.expires_at) <= to_epoch_ms(now):
-                self._snapshots.delete(session.device_session_id)
+            if to_epoch_ms(expires_at) <= to_epoch_ms(now):
+                self._snapshots.delete(device_session_id)
+                self.pending.pop(device_session_id, None)
             else:
-                self._snapshots.put(session.device_session_id, document, session.expires_at)
+                self._snapshots.put(device_session_id, document, expires_at)
+                self.pending[device_session_id] = version
         await self._step("append_event")
         self.events.append(
             {
                 "event": "session_snapshot",
-                "device_session_id": session.device_session_id,
-                "user_id": session.user_id,
+                "device_session_id": device_session_id,
+                "user_id": user_id,
                 "status": status,
-                "version": str(session.version),
+                "version": str(version),
                 "snapshot": document,
             }
         )
+        if self.pending.get(device_session_id) == version:
+            del self.pending[device_session_id]
         return result
 
 

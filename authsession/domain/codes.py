@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -37,6 +38,34 @@ def code_matches(salt: str, code: str, expected_hmac: str) -> bool:
 def new_id() -> str:
     """An opaque URL-safe identifier with 192 bits from the CSPRNG (32 characters)."""
     return secrets.token_urlsafe(24)
+
+
+SLOT_TAG_LENGTH = 4
+
+
+def slot_tag(value: str) -> str:
+    """A short URL-safe tag of ``value``: the Redis hash tag of the keys that belong to it.
+
+    Keys that share a tag share a Redis Cluster hash slot, so one script can act on all of
+    them (CONTRACT §12/§7). 24 bits are far more than the 16384 slots need.
+    """
+    digest = hashlib.sha256(value.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest[:3]).decode("ascii")
+
+
+def new_session_id(user_id: str) -> str:
+    """A device session id: the user's slot tag, then 192 bits from the CSPRNG.
+
+    Starting with the tag lets every adapter find the session's keys (which live in the
+    user's hash slot, beside the user's index) from the id alone. The tag reveals nothing
+    the holder of a session does not already know: confirm answers with the user id.
+    """
+    return slot_tag(user_id) + new_id()
+
+
+def tag_of_session(device_session_id: str) -> str:
+    """The slot tag a device session id starts with."""
+    return device_session_id[:SLOT_TAG_LENGTH]
 
 
 def is_valid_id(value: str) -> bool:

@@ -274,7 +274,7 @@ class LoginService:
             raise UserBlocked()
         config = self._config.current()
         now = self._clock.now()
-        device_session_id = codes.new_id()
+        device_session_id = codes.new_session_id(user_id)
         confirmed = await self._challenges.confirm(
             challenge.challenge_id,
             now=now,

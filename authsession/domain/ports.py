@@ -134,11 +134,36 @@ class ExtendResult(StrEnum):
     NOT_ACTIVE = "not_active"
 
 
+class CreateResult(StrEnum):
+    """Outcome of :meth:`SessionStore.create`."""
+
+    CREATED = "created"
+    EXISTS = "exists"
+    BLOCKED = "blocked"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOutcome:
+    """What :meth:`SessionStore.create` did: the session as stored, and what it evicted."""
+
+    result: CreateResult
+    session: Session | None = None
+    evicted: tuple[Session, ...] = ()
+
+
 class SessionStore(Component, Protocol):
     """Device sessions and the per-user index."""
 
-    async def create(self, session: Session, retention: timedelta) -> bool:
-        """Index and write a session unless it exists; ``True`` if this call wrote it."""
+    async def create(
+        self, session: Session, retention: timedelta, *, limit: int, now: datetime
+    ) -> CreateOutcome:
+        """Index and write a session unless it exists, atomically with the session limit.
+
+        ``EXISTS``: the stored session (which may be revoked). ``BLOCKED``: the user has a
+        block marker, nothing written. ``CREATED``: the stored session (its ``created_at``
+        may be moved just past the user's newest one, so that it is the newest) and, with
+        ``limit`` > 0, the older active sessions it revoked with ``session_limit``.
+        """
         ...
 
     async def get(self, device_session_id: str) -> Session | None:
@@ -153,6 +178,16 @@ class SessionStore(Component, Protocol):
         self, device_session_id: str, reason: str, now: datetime, retention: timedelta
     ) -> tuple[Session, bool] | None:
         """Revoke (idempotent); the session and whether this call revoked it, or ``None``."""
+        ...
+
+    async def revoke_all(
+        self, user_id: str, reason: str, now: datetime, except_session_id: str | None
+    ) -> list[tuple[Session, bool]]:
+        """Revoke all of a user's sessions but one, atomically.
+
+        Every revoked session of the user (but the excluded one) with whether this call
+        revoked it, so that the caller can republish those whose snapshot lags.
+        """
         ...
 
     async def extend(
@@ -170,11 +205,27 @@ class PublishResult(StrEnum):
     STALE = "stale"
 
 
+AppendPolicy = Literal["always", "if_needed"]
+"""When a publication of an unchanged snapshot appends its event again: ``always`` (an
+explicit republication), or ``if_needed`` (only if that version's event never made it)."""
+
+
 class ProjectionPublisher(Component, Protocol):
     """The gateway projection: snapshot key, then stream event (CONTRACT §9)."""
 
-    async def publish(self, session: Session, now: datetime) -> PublishResult:
+    async def publish(
+        self, session: Session, now: datetime, append: AppendPolicy = "always"
+    ) -> PublishResult:
         """Publish the session's current version; never replaces a higher version."""
+        ...
+
+    async def revoke_orphan(self, device_session_id: str, now: datetime) -> PublishResult | None:
+        """Answer an active snapshot without a source record with a ``revoked`` one.
+
+        The new snapshot has the next version and ``revoke_reason`` ``source_lost``
+        (CONTRACT §12/§9). ``None`` when there is no snapshot; ``UNCHANGED`` when it is
+        revoked already.
+        """
         ...
 
 

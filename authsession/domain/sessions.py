@@ -15,16 +15,20 @@ from typing import Literal, Protocol
 from authsession.domain.codes import token_sha256
 from authsession.domain.errors import (
     InvalidRequest,
+    ServiceUnavailable,
     SessionNotFound,
     SessionRevoked,
     UserBlocked,
 )
-from authsession.domain.model import FixedConfig, Session, SessionStatus
+from authsession.domain.model import FixedConfig, Session
 from authsession.domain.ports import (
+    AppendPolicy,
     Clock,
     ConfigProvider,
+    CreateResult,
     ExtendResult,
     ProjectionPublisher,
+    PublishResult,
     SessionStore,
     UserDirectory,
 )
@@ -35,6 +39,7 @@ log = logging.getLogger("authsession.sessions")
 DEFAULT_REVOKE_REASON = "revoked_by_backend"
 USER_BLOCKED_REASON = "user_blocked"
 SESSION_LIMIT_REASON = "session_limit"
+SOURCE_LOST_REASON = "source_lost"
 REASON_PATTERN = r"^[a-z0-9_.-]{1,64}$"
 _REASON_RE = re.compile(REASON_PATTERN)
 
@@ -134,58 +139,47 @@ class SessionService:
             user_agent=client.user_agent,
             device_name=device_name,
         )
-        created = await self._store.create(candidate, self._fixed.session_retention)
-        session = candidate if created else await self._store.get(device_session_id)
-        if session is None:  # dropped between the two calls: only with a tiny retention
-            raise SessionNotFound()
-        if created and await self._blocks.is_user_blocked(user_id):
-            # A block ran between this confirm's check and the write, and its revoke-all
-            # could not see this session yet: revoke it now.
-            await self._revoke_and_publish(device_session_id, USER_BLOCKED_REASON)
+        limit = self._config.current().max_active_sessions_per_user
+        outcome = await self._store.create(
+            candidate, self._fixed.session_retention, limit=limit, now=now
+        )
+        if outcome.result is CreateResult.BLOCKED:
+            # A block ran before this session could be written: none is created.
             raise UserBlocked()
-        if session.revoked_at is None:
-            # Also on a retry: the first attempt may have failed while enforcing it.
-            await self._enforce_session_limit(session, retry=not created)
-        await self.publish(session)
+        session = outcome.session
+        if session is None:  # the store always returns the session it created or found
+            raise SessionNotFound()
+        created = outcome.result is CreateResult.CREATED
+        for evicted in outcome.evicted:
+            self._revoked(evicted, SESSION_LIMIT_REASON)
+            await self.publish(evicted)
+        if not created and session.revoked_at is None and limit > 0:
+            # A retry: the first attempt may have revoked older sessions in the source of
+            # truth and then failed before publishing them.
+            await self._republish_evictions(session)
+        await self.publish(session, "always" if created else "if_needed")
         return session
 
     async def is_user_blocked(self, user_id: str) -> bool:
         """Whether this service blocked the user recently (see :class:`BlockMarkers`)."""
         return await self._blocks.is_user_blocked(user_id)
 
-    async def _enforce_session_limit(self, keep: Session, *, retry: bool) -> None:
-        """Revoke the oldest active sessions beyond the limit, ``keep`` always kept.
-
-        On a retry, the revocations this session caused are published again: the first
-        attempt may have revoked them in Redis and then failed to publish.
-        """
-        limit = self._config.current().max_active_sessions_per_user
-        if limit <= 0:
-            return
-        now = self._clock.now()
-        sessions = await self._store.list_for_user(keep.user_id)
-        active = [s for s in sessions if s.status_at(now) is SessionStatus.ACTIVE]
-        # Newest first; the one just created is always kept.
-        active.sort(
-            key=lambda s: (s.device_session_id != keep.device_session_id, -s.created_at.timestamp())
-        )
-        for session in active[limit:]:
-            await self._revoke_and_publish(session.device_session_id, SESSION_LIMIT_REASON)
-        if retry:
-            for session in sessions:
-                if (
-                    session.revoke_reason == SESSION_LIMIT_REASON
-                    and session.revoked_at is not None
-                    and session.revoked_at >= keep.created_at
-                ):
-                    await self.publish(session)
+    async def _republish_evictions(self, keep: Session) -> None:
+        """Republish what the creation of ``keep`` revoked, where the projection lags."""
+        for session in await self._store.list_for_user(keep.user_id):
+            if (
+                session.revoke_reason == SESSION_LIMIT_REASON
+                and session.revoked_at is not None
+                and session.revoked_at >= keep.created_at
+            ):
+                await self.publish(session, "if_needed")
 
     # -- projection --------------------------------------------------------------------
 
-    async def publish(self, session: Session) -> None:
+    async def publish(self, session: Session, append: AppendPolicy = "always") -> None:
         """Publish the session's current version to the gateway projection."""
         try:
-            result = await self._projection.publish(session, self._clock.now())
+            result = await self._projection.publish(session, self._clock.now(), append)
         except Exception:
             self._metrics.projection_published("error")
             raise
@@ -218,15 +212,28 @@ class SessionService:
     async def revoke_all(
         self, user_id: str, reason: str | None = None, except_session_id: str | None = None
     ) -> list[str]:
-        """Revoke every not-yet-revoked session of a user; the ids this call revoked."""
+        """Revoke every session of a user but one; the ids this call revoked.
+
+        Sessions revoked before are republished where their snapshot lags behind the
+        source of truth (a retry after a failed publication restores the projection).
+        """
         reason = _checked_reason(reason, DEFAULT_REVOKE_REASON)
+        outcome = await self._store.revoke_all(
+            user_id, reason, self._clock.now(), except_session_id
+        )
         revoked: list[str] = []
-        for session in await self._store.list_for_user(user_id):
-            if session.device_session_id == except_session_id or session.revoked_at is not None:
-                continue
-            _, changed = await self._revoke_and_publish(session.device_session_id, reason)
+        failure: ServiceUnavailable | None = None
+        for session, changed in outcome:
             if changed:
+                self._revoked(session, reason)
                 revoked.append(session.device_session_id)
+            try:
+                await self.publish(session, "always" if changed else "if_needed")
+            except ServiceUnavailable as exc:
+                # Publish the others anyway, then fail: the retry republishes what lags.
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return revoked
 
     async def extend(self, device_session_id: str, ttl: str | None = None) -> Session:
@@ -269,20 +276,40 @@ class SessionService:
             device_session_id, reason, now, self._fixed.session_retention
         )
         if outcome is None:
+            # No record: if the projection still has an active snapshot (the record was
+            # lost), take that token back before answering 404.
+            await self._revoke_orphan(device_session_id)
             raise SessionNotFound()
         session, changed = outcome
         if changed:
-            self._metrics.session_revoked(reason)
-            log.info(
-                "session revoked",
-                extra={
-                    "device_session_id": device_session_id,
-                    "user_id": session.user_id,
-                    "reason": reason,
-                },
-            )
+            self._revoked(session, reason)
         await self.publish(session)
         return session, changed
+
+    async def _revoke_orphan(self, device_session_id: str) -> None:
+        try:
+            result = await self._projection.revoke_orphan(device_session_id, self._clock.now())
+        except Exception:
+            self._metrics.projection_published("error")
+            raise
+        if result is not None and result is not PublishResult.UNCHANGED:
+            self._metrics.projection_published(result.value)
+            self._metrics.session_revoked(SOURCE_LOST_REASON)
+            log.warning(
+                "snapshot without a source record revoked",
+                extra={"device_session_id": device_session_id, "reason": SOURCE_LOST_REASON},
+            )
+
+    def _revoked(self, session: Session, reason: str) -> None:
+        self._metrics.session_revoked(reason)
+        log.info(
+            "session revoked",
+            extra={
+                "device_session_id": session.device_session_id,
+                "user_id": session.user_id,
+                "reason": reason,
+            },
+        )
 
 
 def _checked_reason(reason: str | None, default: str) -> str:

@@ -116,6 +116,11 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
 
 
+def from_epoch_ms(value: int) -> datetime:
+    """Inverse of :func:`to_epoch_ms` (UTC)."""
+    return datetime.fromtimestamp(value / 1000, UTC)
+
+
 def to_epoch_ms(value: datetime) -> int:
     """Milliseconds since the epoch, for ``PEXPIREAT``-style commands."""
     return round(value.timestamp() * 1000)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
+import secrets
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
+from authsession.domain.codes import slot_tag, tag_of_session
 from authsession.domain.errors import ServiceUnavailable
 
 P = ParamSpec("P")
@@ -32,7 +35,13 @@ _log = logging.getLogger("authsession.redis")
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """The source-of-truth key layout of CONTRACT §7 under one prefix."""
+    """The source-of-truth key layout of CONTRACT §7 (§12: with hash tags) under one prefix.
+
+    A user's sessions, index and block marker carry the user's slot tag
+    (``{<tag>}``, see :func:`~authsession.domain.codes.slot_tag`); a device session id
+    starts with the same tag, so its record is found from the id alone and one script can
+    act on a user's index and all of the user's sessions at once, on Redis Cluster too.
+    """
 
     prefix: str
 
@@ -49,16 +58,40 @@ class Keys:
         return f"{self.prefix}failures:{email_hash}"
 
     def session(self, device_session_id: str) -> str:
-        """``<prefix>session:<device_session_id>``."""
-        return f"{self.prefix}session:{device_session_id}"
+        """``<prefix>session:{<tag>}:<device_session_id>`` (the tag the id starts with)."""
+        return f"{self.prefix}session:{{{tag_of_session(device_session_id)}}}:{device_session_id}"
+
+    def session_pattern(self) -> str:
+        """``SCAN MATCH`` pattern of every session record."""
+        return f"{glob_escape(self.prefix)}session:*"
+
+    def session_id_of(self, key: str) -> str:
+        """The device session id of a session record's key."""
+        return key.rpartition(":")[2]
 
     def user_sessions(self, user_id: str) -> str:
-        """``<prefix>user_sessions:<user_id>``."""
-        return f"{self.prefix}user_sessions:{user_id}"
+        """``<prefix>user_sessions:{<tag>}:<user_id>``."""
+        return f"{self.prefix}user_sessions:{{{slot_tag(user_id)}}}:{user_id}"
 
     def blocked_user(self, user_id: str) -> str:
-        """``<prefix>blocked_user:<user_id>``: recent blocks, checked at confirm."""
-        return f"{self.prefix}blocked_user:{user_id}"
+        """``<prefix>blocked_user:{<tag>}:<user_id>``: recent blocks, checked at confirm."""
+        return f"{self.prefix}blocked_user:{{{slot_tag(user_id)}}}:{user_id}"
+
+    def projection_pending(self, snapshot_key: str) -> str:
+        """``<prefix>projection_pending:{<snapshot key>}``: an event not yet appended.
+
+        The hash tag is the whole snapshot key, so the marker shares the snapshot's slot
+        and the publish script sets it together with the snapshot.
+        """
+        return f"{self.prefix}projection_pending:{{{snapshot_key}}}"
+
+    def projection_pending_pattern(self) -> str:
+        """``SCAN MATCH`` pattern of every pending-event marker."""
+        return f"{glob_escape(self.prefix)}projection_pending:*"
+
+    def lease(self, job: str) -> str:
+        """``<prefix>lease:<job>``: the one runner of a periodic job across processes."""
+        return f"{self.prefix}lease:{job}"
 
     def token_scrub(self) -> str:
         """``<prefix>token_scrub``: confirmed challenges by the end of their window."""
@@ -71,6 +104,11 @@ class Keys:
     def rate_limit(self, client: str, window: int) -> str:
         """``<prefix>ratelimit:<client>:<window index>``."""
         return f"{self.prefix}ratelimit:{client}:{window}"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with the glob characters of ``SCAN MATCH`` escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def load_script(client: RedisClient, name: str) -> AsyncScript:
@@ -102,6 +140,11 @@ def as_strings(raw: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
+# Set while a periodic job runs: its Redis calls make no spans, so that a job running
+# every second on every replica does not fill the trace backend with root traces.
+_untraced: contextvars.ContextVar[bool] = contextvars.ContextVar("untraced", default=False)
+
+
 def traced(
     fn: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -110,6 +153,8 @@ def traced(
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if _untraced.get():
+            return await fn(*args, **kwargs)
         with _tracer.start_as_current_span(
             span_name, kind=SpanKind.CLIENT, attributes={"db.system.name": "redis"}
         ):
@@ -135,11 +180,32 @@ class RedisComponent:
         await self._redis.ping()
 
 
+class Lease:
+    """A Redis lease that lets one process at a time run a periodic job.
+
+    Every replica and worker runs the job's loop; before each run the loop takes or
+    renews the lease (``scripts/lease_acquire.lua``), and only its holder runs the step.
+    A holder that dies stops renewing, and another takes over once the lease runs out.
+    """
+
+    def __init__(self, client: RedisClient, key: str, ttl: timedelta) -> None:
+        self._key = key
+        self._ttl_ms = max(1, int(ttl.total_seconds() * 1000))
+        self._holder = secrets.token_hex(8)
+        self._acquire = load_script(client, "lease_acquire")
+
+    @redis_call
+    async def hold(self) -> bool:
+        """Take or renew the lease; whether this process holds it now."""
+        return bool(await self._acquire(keys=[self._key], args=[self._holder, self._ttl_ms]))
+
+
 class PeriodicTask:
     """Runs ``step`` every ``interval`` in the background until stopped.
 
     A Redis failure of one run is logged as ``failure_event`` and the next run comes at
-    the usual time: background work never stops on a transient outage.
+    the usual time: background work never stops on a transient outage. With a ``lease``,
+    only the lease's holder runs the step. Its Redis calls make no spans.
     """
 
     def __init__(
@@ -148,11 +214,13 @@ class PeriodicTask:
         interval: timedelta,
         step: Callable[[], Coroutine[Any, Any, object]],
         failure_event: str,
+        lease: Lease | None = None,
     ) -> None:
         self._name = name
         self._interval = interval.total_seconds()
         self._step = step
         self._failure_event = failure_event
+        self._lease = lease
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -169,9 +237,11 @@ class PeriodicTask:
             self._task = None
 
     async def _loop(self) -> None:
+        _untraced.set(True)  # this task's own context: the request path is untouched
         while True:
             try:
-                await self._step()
+                if self._lease is None or await self._lease.hold():
+                    await self._step()
             except ServiceUnavailable as exc:
                 _log.warning(self._failure_event, extra={"cause": exc.cause})
             await asyncio.sleep(self._interval)

@@ -11,6 +11,7 @@ from authsession.domain.ports import AttemptOutcome, AttemptResult, Clock
 from authsession.domain.units import format_time, parse_time, to_epoch_ms
 from authsession.redis.base import (
     Keys,
+    Lease,
     PeriodicTask,
     RedisClient,
     RedisComponent,
@@ -178,11 +179,14 @@ class RedisChallengeStore(RedisComponent):
         return len(due)
 
 
-def token_scrubber(store: RedisChallengeStore, clock: Clock, interval: timedelta) -> PeriodicTask:
-    """Runs :meth:`RedisChallengeStore.scrub_tokens` every ``interval``."""
+def token_scrubber(
+    store: RedisChallengeStore, clock: Clock, interval: timedelta, lease: Lease | None = None
+) -> PeriodicTask:
+    """Runs :meth:`RedisChallengeStore.scrub_tokens` every ``interval`` (by one process at
+    a time when given a ``lease``)."""
 
     async def scrub_due() -> None:
         while await store.scrub_tokens(clock.now()) == SCRUB_BATCH:
             pass  # a full batch: more may be due
 
-    return PeriodicTask("token-scrub", interval, scrub_due, "token scrub failed")
+    return PeriodicTask("token-scrub", interval, scrub_due, "token scrub failed", lease)

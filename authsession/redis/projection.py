@@ -1,69 +1,184 @@
 """Gateway projection publisher (CONTRACT §9): snapshot key first, then the stream event.
 
-The key and the stream are in different hash slots; the key write is a compare-and-set
-on the version (``scripts/projection_publish.lua``), then ``XADD MAXLEN ~``. A failure of
-either is a ``ServiceUnavailable('projection')``: the caller answers 503 and a retry
-publishes again, which is safe because the same version is never rewritten.
+The key and the stream are in different hash slots. The key write is a compare-and-set on
+the version (``scripts/projection_publish.lua``) that also sets a pending-event marker in
+the key's slot; then ``XADD MAXLEN ~``; then the marker is cleared. A publication whose
+event failed therefore leaves a marker, and the next publication of that version (a
+caller's retry) or the reconciler appends the event: a snapshot is never written without
+its event reaching the stream eventually. A failure of any step is a
+``ServiceUnavailable('projection')``: the caller answers 503 and a retry publishes again,
+which is safe because the same version is never rewritten.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Session, Snapshot
-from authsession.domain.ports import PublishResult
-from authsession.domain.units import to_epoch_ms
-from authsession.redis.base import RedisClient, RedisComponent, load_script, traced
+from authsession.domain.ports import AppendPolicy, PublishResult
+from authsession.domain.units import format_time, parse_time, to_epoch_ms
+from authsession.redis.base import Keys, RedisClient, RedisComponent, load_script, traced
+
+SOURCE_LOST = "source_lost"
+DEFAULT_PREFIX = "authsession:"
+_ERRORS = (RedisError, RedisClusterException, OSError, ValueError, KeyError, TypeError)
 
 
 class RedisProjectionPublisher(RedisComponent):
     """Publishes session snapshots for gateways."""
 
-    def __init__(self, client: RedisClient, key_prefix: str, stream: str, maxlen: int) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        key_prefix: str,
+        stream: str,
+        maxlen: int,
+        *,
+        keys: Keys | None = None,
+    ) -> None:
         super().__init__(client)
+        self._keys = keys or Keys(DEFAULT_PREFIX)
         self._key_prefix = key_prefix
         self._stream = stream
         self._maxlen = maxlen
         self._publish = load_script(client, "projection_publish")
+        self._clear = load_script(client, "projection_clear")
+
+    @property
+    def key_prefix(self) -> str:
+        """``GATEWAY_SESSION_KEY_PREFIX``."""
+        return self._key_prefix
 
     def snapshot_key(self, device_session_id: str) -> str:
         """``<GATEWAY_SESSION_KEY_PREFIX><device_session_id>``."""
         return self._key_prefix + device_session_id
 
     @traced
-    async def publish(self, session: Session, now: datetime) -> PublishResult:
-        """Write the snapshot (unless a same or higher version is there), then the event."""
+    async def publish(
+        self, session: Session, now: datetime, append: AppendPolicy = "always"
+    ) -> PublishResult:
+        """Write the snapshot (unless a same or higher version is there), then the event.
+
+        An unchanged snapshot appends its event again with ``always``, and with
+        ``if_needed`` only when that version's event never made it to the stream.
+        """
         snapshot = Snapshot(session=session, published_at=now)
-        document = snapshot.to_json()
-        status = snapshot.status
+        return await self._write(
+            session.device_session_id,
+            session.user_id,
+            session.version,
+            snapshot.to_json(),
+            session.expires_at,
+            now,
+            append,
+        )
+
+    @traced
+    async def revoke_orphan(self, device_session_id: str, now: datetime) -> PublishResult | None:
+        """Answer an active snapshot that has no source record with a ``source_lost`` one."""
+        try:
+            held = await self._redis.get(self.snapshot_key(device_session_id))
+            if held is None:
+                return None
+            document: dict[str, Any] = json.loads(held)
+            if document.get("status") != "active":
+                return PublishResult.UNCHANGED
+            version = int(document["version"]) + 1
+            expires_at = parse_time(str(document["expires_at"]))
+            document.update(
+                status="revoked",
+                revoked_at=format_time(now),
+                revoke_reason=SOURCE_LOST,
+                version=version,
+                published_at=format_time(now),
+            )
+            user_id = str(document["user_id"])
+        except _ERRORS as exc:
+            raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
+        text = json.dumps(document, separators=(",", ":"))
+        return await self._write(
+            device_session_id, user_id, version, text, expires_at, now, "always"
+        )
+
+    async def append_pending(self, device_session_id: str) -> bool:
+        """Append the event of a snapshot whose marker says it never made it; ``True`` if
+        an event was appended (the reconciler's repair of a missing event)."""
+        key = self.snapshot_key(device_session_id)
+        try:
+            held = await self._redis.get(key)
+            marker = await self._redis.get(self._keys.projection_pending(key))
+            if held is None or marker is None:
+                return False
+            document = json.loads(held)
+            version = int(document["version"])
+            if int(str(marker).partition(":")[0]) != version:
+                return False
+            await self._append(
+                device_session_id, str(document["user_id"]), version, str(held), document
+            )
+            await self._clear(keys=[self._keys.projection_pending(key)], args=[version])
+        except _ERRORS as exc:
+            raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
+        return True
+
+    async def _write(
+        self,
+        device_session_id: str,
+        user_id: str,
+        version: int,
+        document: str,
+        expires_at: datetime,
+        now: datetime,
+        append: AppendPolicy,
+    ) -> PublishResult:
+        key = self.snapshot_key(device_session_id)
+        marker = self._keys.projection_pending(key)
         try:
             reply = await self._publish(
-                keys=[self.snapshot_key(session.device_session_id)],
-                args=[session.version, document, to_epoch_ms(session.expires_at), to_epoch_ms(now)],
+                keys=[key, marker],
+                args=[version, document, to_epoch_ms(expires_at), to_epoch_ms(now)],
             )
             result = PublishResult(str(reply[0]))
             if result is PublishResult.STALE:
                 return result
             if result is PublishResult.UNCHANGED:
                 document = str(reply[1])
-                status = str(json.loads(document).get("status", status))
-            await self._redis.xadd(
-                self._stream,
-                {
-                    "event": "session_snapshot",
-                    "device_session_id": session.device_session_id,
-                    "user_id": session.user_id,
-                    "status": status,
-                    "version": str(session.version),
-                    "snapshot": document,
-                },
-                maxlen=self._maxlen,
-                approximate=True,
-            )
-        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+                marked = int(reply[2]) == 1
+                if not marked and append == "if_needed":
+                    return result
+            else:
+                marked = int(reply[1]) == 1
+            await self._append(device_session_id, user_id, version, document)
+            if marked:
+                await self._clear(keys=[marker], args=[version])
+        except _ERRORS as exc:
             raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
         return result
+
+    async def _append(
+        self,
+        device_session_id: str,
+        user_id: str,
+        version: int,
+        document: str,
+        parsed: dict[str, Any] | None = None,
+    ) -> None:
+        status = str((parsed or json.loads(document)).get("status", ""))
+        await self._redis.xadd(
+            self._stream,
+            {
+                "event": "session_snapshot",
+                "device_session_id": device_session_id,
+                "user_id": user_id,
+                "status": status,
+                "version": str(version),
+                "snapshot": document,
+            },
+            maxlen=self._maxlen,
+            approximate=True,
+        )

@@ -1,19 +1,23 @@
-"""Session store: ``<prefix>session:<id>`` hashes and ``<prefix>user_sessions:<user>`` index.
+"""Session store: ``<prefix>session:{<tag>}:<id>`` hashes and the per-user index.
 
-The index and the record live in different hash slots, so creation is two ordered,
-idempotent steps: the index first, so that a session can never exist without being
-listed (and so escape a revoke-all); an index member whose record is gone is pruned on
-read.
+A user's records, index (``<prefix>user_sessions:{<tag>}:<user>``) and block marker share
+the user's hash slot (the tag; a session id starts with it), so creation with the session
+limit and revoke-all are each one atomic script. Those scripts declare every key they
+touch: the adapter reads the index first and passes its members; a script that finds the
+index changed since answers ``retry`` and the adapter reads again. An index member whose
+record is gone is pruned on read.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Session
-from authsession.domain.ports import Clock, ExtendResult
-from authsession.domain.units import format_time, parse_time, to_epoch_ms
+from authsession.domain.ports import Clock, CreateOutcome, CreateResult, ExtendResult
+from authsession.domain.units import format_time, from_epoch_ms, parse_time, to_epoch_ms
 from authsession.redis.base import (
     Keys,
     RedisClient,
@@ -26,6 +30,8 @@ from authsession.redis.base import (
 
 # How old an index member without a record must be before a read prunes it.
 PRUNE_GRACE = timedelta(minutes=1)
+# Rounds of "the index changed under us" before giving up (each is one concurrent change).
+MAX_INDEX_RETRIES = 50
 
 
 def session_fields(session: Session) -> dict[str, str]:
@@ -76,30 +82,58 @@ class RedisSessionStore(RedisComponent):
         self._keys = keys
         self._clock = clock
         self._create = load_script(client, "session_create")
+        self._revoke_all = load_script(client, "session_revoke_all")
         self._revoke = load_script(client, "session_revoke")
         self._extend = load_script(client, "session_extend")
         self._index_add = load_script(client, "user_index_add")
 
     @redis_call
-    async def create(self, session: Session, retention: timedelta) -> bool:
-        """Index the session, then write its record unless it exists."""
+    async def create(
+        self, session: Session, retention: timedelta, *, limit: int, now: datetime
+    ) -> CreateOutcome:
+        """See ``scripts/session_create.lua``."""
         key_expiry = to_epoch_ms(session.expires_at + retention)
-        await self._index_add(
-            keys=[self._keys.user_sessions(session.user_id)],
-            args=[
-                to_epoch_ms(session.created_at),
-                session.device_session_id,
-                to_epoch_ms(self._clock.now()),
-                key_expiry,
-            ],
-        )
-        flat: list[str | int] = [key_expiry]
-        for field, value in session_fields(session).items():
-            flat += [field, value]
-        created = await self._create(
-            keys=[self._keys.session(session.device_session_id)], args=flat
-        )
-        return bool(created)
+        index = self._keys.user_sessions(session.user_id)
+        keys = [index, self._keys.session(session.device_session_id)]
+        keys.append(self._keys.blocked_user(session.user_id))
+        for _ in range(MAX_INDEX_RETRIES):
+            members = await self._members(index) if limit > 0 else None
+            fields = session_fields(session)
+            flat: list[str | int] = []
+            for field, value in fields.items():
+                flat += [field, value]
+            ids = members or []
+            reply = await self._create(
+                keys=keys + [self._keys.session(m) for m in ids],
+                args=[
+                    key_expiry,
+                    to_epoch_ms(session.created_at),
+                    limit,
+                    format_time(now),
+                    to_epoch_ms(now),
+                    -1 if members is None else len(ids),
+                    *ids,
+                    *flat,
+                ],
+            )
+            kind = str(reply[0])
+            if kind == "retry":
+                continue
+            if kind == "older":
+                # Someone created a later session meanwhile: ours must be the newest.
+                newest = from_epoch_ms(int(float(reply[1])) + 1)
+                session = replace(session, created_at=max(newest, session.created_at))
+                continue
+            if kind == "exists":
+                return CreateOutcome(CreateResult.EXISTS, session_from(pairs(reply[1:])))
+            if kind == "blocked":
+                return CreateOutcome(CreateResult.BLOCKED)
+            evicted = tuple(session_from(pairs(r)) for r in reply[1:])
+            return CreateOutcome(CreateResult.CREATED, session, evicted)
+        raise ServiceUnavailable("redis", "the user's session index kept changing")
+
+    async def _members(self, index: str) -> list[str]:
+        return [str(m) for m in await self._redis.zrange(index, 0, -1)]
 
     @redis_call
     async def get(self, device_session_id: str) -> Session | None:
@@ -144,6 +178,23 @@ class RedisSessionStore(RedisComponent):
         if kind == "not_found":
             return None
         return session_from(pairs(reply[1:])), kind == "revoked"
+
+    @redis_call
+    async def revoke_all(
+        self, user_id: str, reason: str, now: datetime, except_session_id: str | None
+    ) -> list[tuple[Session, bool]]:
+        """See ``scripts/session_revoke_all.lua``."""
+        index = self._keys.user_sessions(user_id)
+        for _ in range(MAX_INDEX_RETRIES):
+            ids = await self._members(index)
+            reply = await self._revoke_all(
+                keys=[index, *(self._keys.session(m) for m in ids)],
+                args=[len(ids), *ids, format_time(now), reason, except_session_id or ""],
+            )
+            if str(reply[0]) == "retry":
+                continue
+            return [(session_from(pairs(r[1:])), int(r[0]) == 1) for r in reply[1:]]
+        raise ServiceUnavailable("redis", "the user's session index kept changing")
 
     @redis_call
     async def extend(

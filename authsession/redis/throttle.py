@@ -4,25 +4,68 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from datetime import datetime, timedelta
 
+from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.units import RateLimit, to_epoch_ms
 from authsession.redis.base import Keys, RedisClient, RedisComponent, load_script, redis_call
 
+# Replies slower than this round trip are not used to estimate the clock offset.
+_OFFSET_SAMPLE_MAX_RTT = 0.05
+# The deadline leaves this share of the operation timeout for the reply to travel back.
+_DEADLINE_SHARE = 0.8
+
 
 class RedisResendThrottle(RedisComponent):
-    """``<prefix>throttle:<email_hash>``: a fixed window opened with ``SET NX PX``."""
+    """``<prefix>throttle:<email_hash>``: a fixed window opened once (``SET NX PX``).
 
-    def __init__(self, client: RedisClient, keys: Keys) -> None:
+    The window is opened by ``scripts/throttle_acquire.lua`` with a deadline in Redis's
+    clock, so that a call that times out here (answered 503) and is executed by Redis
+    later (a paused Redis resuming) opens no window that would throttle the retry.
+    """
+
+    def __init__(
+        self, client: RedisClient, keys: Keys, operation_timeout: timedelta | None = None
+    ) -> None:
         super().__init__(client)
         self._keys = keys
         self._release = load_script(client, "throttle_release")
+        self._acquire = load_script(client, "throttle_acquire")
+        self._timeout_ms = (
+            operation_timeout.total_seconds() * 1000 if operation_timeout is not None else None
+        )
+        # Redis's clock minus ours, in ms, from the last quick reply (None: not known yet).
+        self._offset_ms: float | None = None
+
+    @redis_call
+    async def ping(self) -> None:
+        """One ``TIME`` round trip: answers like ``PING`` and measures the clock offset."""
+        started = time.time()
+        seconds, micros = await self._redis.time()
+        self._sample(started, seconds * 1000 + micros / 1000)
+
+    def _sample(self, started: float, redis_ms: float) -> None:
+        ended = time.time()
+        if ended - started <= _OFFSET_SAMPLE_MAX_RTT:
+            self._offset_ms = redis_ms - (started + ended) * 500
 
     @redis_call
     async def acquire(self, email_hash: str, owner: str, cooldown: timedelta) -> bool:
         """Open the window; ``False`` if one is open (throttled requests never extend it)."""
         ms = max(1, int(cooldown.total_seconds() * 1000))
-        return bool(await self._redis.set(self._keys.throttle(email_hash), owner, nx=True, px=ms))
+        started = time.time()
+        deadline = 0
+        if self._offset_ms is not None and self._timeout_ms is not None:
+            deadline = int(started * 1000 + self._offset_ms + self._timeout_ms * _DEADLINE_SHARE)
+        result, redis_ms = await self._acquire(
+            keys=[self._keys.throttle(email_hash)], args=[owner, ms, deadline]
+        )
+        self._sample(started, float(redis_ms))
+        if int(result) < 0:
+            # Executed after this caller would have given up: nothing was written.
+            raise ServiceUnavailable("redis", "Redis answered past the operation deadline")
+        return int(result) == 1
 
     @redis_call
     async def release(self, email_hash: str, owner: str) -> None:

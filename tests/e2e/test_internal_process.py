@@ -27,7 +27,7 @@ import httpx
 import pytest
 import redis
 
-from tests.contract import CONFIRM, INTERNAL, SEND, SESSION_FIELDS, error_code
+from tests.contract import CONFIRM, INTERNAL, SEND, SESSION_FIELDS, error_code, session_key
 from tests.support.fake_services import FakeUserService
 from tests.support.net import LOOPBACK, free_ports
 from tests.support.process import AuthsessionProcess
@@ -55,7 +55,7 @@ class Service:
     redis: redis.Redis
 
     def session_record(self, sid: str) -> dict[str, str]:
-        return cast(dict[str, str], self.redis.hgetall(f"{self.prefix}session:{sid}"))
+        return cast(dict[str, str], self.redis.hgetall(session_key(sid, self.prefix)))
 
     def snapshot(self, sid: str) -> dict[str, Any] | None:
         raw = self.redis.get(f"gateway:session:{sid}")

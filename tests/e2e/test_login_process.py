@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from tests.contract import CONFIRM, SEND
+from tests.contract import CONFIRM, SEND, index_key, session_key
 from tests.support.process import AuthsessionFactory, AuthsessionProcess
 from tests.support.redis_server import RedisServer
 
@@ -130,7 +130,7 @@ def test_full_login_against_the_process(start: Any) -> None:
     assert parse_ts(body["expires_at"]) > datetime.now(UTC) + timedelta(hours=719)
 
     # The source of truth and the projection.
-    record = service.redis.hgetall(f"{service.prefix}session:{dsid}")
+    record = service.redis.hgetall(session_key(dsid, service.prefix))
     assert record["status"] == "active"
     assert record["user_id"] == body["user_id"]
     assert record["token_sha256"] == sha256_hex(token)
@@ -151,7 +151,8 @@ def test_full_login_against_the_process(start: Any) -> None:
     assert replay.status_code == 200
     assert replay.json()["created"] is False
     assert replay.json()["session_token"] == token
-    assert service.redis.xlen(service.stream) == 2
+    # The snapshot is current: the replay appends no second event (CONTRACT §12/§9).
+    assert service.redis.xlen(service.stream) == 1
 
 
 def test_logs_never_carry_the_token_the_address_or_the_code(start: Any) -> None:
@@ -239,10 +240,8 @@ def test_twenty_concurrent_confirms_over_http_create_one_session(start: Any) -> 
     assert len({b["device_session_id"] for b in bodies}) == 1
     assert len({b["session_token"] for b in bodies}) == 1
     sessions = list(service.redis.scan_iter(match=f"{service.prefix}session:*"))
-    assert sessions == [f"{service.prefix}session:{bodies[0]['device_session_id']}"]
-    user_index = service.redis.zrange(
-        f"{service.prefix}user_sessions:{bodies[0]['user_id']}", 0, -1
-    )
+    assert sessions == [session_key(bodies[0]["device_session_id"], service.prefix)]
+    user_index = service.redis.zrange(index_key(bodies[0]["user_id"], service.prefix), 0, -1)
     assert user_index == [bodies[0]["device_session_id"]]
 
 

@@ -108,14 +108,21 @@ async def make_app(
         mail: MailSender | None = None,
         clock: ManualClock | None = None,
         client_ip: str = "203.0.113.7",
+        redis_user: tuple[str, str] | None = None,
         **overrides: Any,
     ) -> AppEnv:
+        """``redis_user``: ``(username, password)`` the service connects as (ACL tests)."""
         settings = Settings(REDIS_ADDR=redis_server.addr, **overrides)  # type: ignore[call-arg]
         clock = clock or ManualClock()
         users = users if users is not None else StubUserDirectory()
         mail = mail if mail is not None else StubMailSender()
+        username, password = redis_user or (None, None)
         client = redis.asyncio.Redis(
-            host=redis_server.host, port=redis_server.port, decode_responses=True
+            host=redis_server.host,
+            port=redis_server.port,
+            username=username,
+            password=password,
+            decode_responses=True,
         )
         core = build_core(settings, redis=client, users=users, mail=mail, clock=clock)
         await core.check()

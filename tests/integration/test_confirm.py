@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from authsession.services.users_stub import stub_user_id
-from tests.contract import SESSION_FIELDS, STREAM
+from tests.contract import SESSION_FIELDS, SNAPSHOT_KEY, STREAM, index_key, session_key
 from tests.integration.conftest import AppEnv, AppFactory
 from tests.integration.test_send_email_code import (
     CONFIRM,
@@ -45,7 +45,7 @@ async def confirm(app: AppEnv, challenge_id: str, code: str, **extra: Any) -> ht
 
 
 def session_record(app: AppEnv, device_session_id: str) -> dict[str, str]:
-    record: dict[str, str] = app.redis.hgetall(f"{PREFIX}session:{device_session_id}")  # type: ignore[assignment]
+    record: dict[str, str] = app.redis.hgetall(session_key(device_session_id, PREFIX))  # type: ignore[assignment]
     return record
 
 
@@ -283,11 +283,11 @@ async def test_right_code_creates_a_session_as_the_contract_describes(
     assert record["device_name"] == "Jane's phone"
     assert record.get("revoked_at", "") in ("", "null")
     assert token not in repr(record)
-    ttl_ms = app.redis.pttl(f"{PREFIX}session:{dsid}")
+    ttl_ms = app.redis.pttl(session_key(dsid, PREFIX))
     expected_ms = ((now + timedelta(hours=720 + 168)) - datetime.now(UTC)).total_seconds() * 1000
     assert abs(ttl_ms - expected_ms) <= 2000
 
-    index = f"{PREFIX}user_sessions:usr-jane"
+    index = index_key("usr-jane", PREFIX)
     assert app.redis.zrange(index, 0, -1) == [dsid]
     assert app.redis.zscore(index, dsid) == pytest.approx(now.timestamp() * 1000, abs=1)
 
@@ -321,7 +321,7 @@ async def test_unknown_user_with_signup_is_created_through_ensure_at_confirm(
     created_id = users.users["newbie@example.com"]
     assert response.json()["user_id"] == created_id
     assert session_record(app, response.json()["device_session_id"])["user_id"] == created_id
-    assert app.redis.zcard(f"{PREFIX}user_sessions:{created_id}") == 1
+    assert app.redis.zcard(index_key(created_id, PREFIX)) == 1
 
 
 async def test_ensure_saying_blocked_is_403_user_blocked_and_creates_nothing(
@@ -386,8 +386,14 @@ async def test_replay_in_the_window_returns_the_same_session_and_republishes(
     assert body["session_token"] == first["session_token"]
     assert body["user_id"] == first["user_id"]
     assert body["expires_at"] == first["expires_at"]
-    assert session_keys(app) == [f"{PREFIX}session:{first['device_session_id']}"]
+    assert session_keys(app) == [session_key(first["device_session_id"], PREFIX)]
     assert session_record(app, first["device_session_id"])["version"] == "1"
+    # The snapshot is current, so the replay appends no event (CONTRACT §12/§9) ...
+    assert app.redis.xlen(STREAM) == events_before
+    # ... but one that finds the snapshot missing writes it and appends the event again.
+    app.redis.delete(SNAPSHOT_KEY.format(first["device_session_id"]))
+    again = await confirm(app, challenge_id, code)
+    assert again.status_code == 200, again.text
     assert app.redis.xlen(STREAM) == events_before + 1
     _, last = cast(Any, app.redis.xrange(STREAM))[-1]
     assert last["device_session_id"] == first["device_session_id"]
@@ -450,8 +456,8 @@ async def test_concurrent_correct_confirms_create_exactly_one_session(
     assert len({b["device_session_id"] for b in bodies}) == 1
     assert len({b["session_token"] for b in bodies}) == 1
     dsid = bodies[0]["device_session_id"]
-    assert session_keys(app) == [f"{PREFIX}session:{dsid}"]
-    assert app.redis.zrange(f"{PREFIX}user_sessions:usr-jane", 0, -1) == [dsid]
+    assert session_keys(app) == [session_key(dsid, PREFIX)]
+    assert app.redis.zrange(index_key("usr-jane", PREFIX), 0, -1) == [dsid]
     assert session_record(app, dsid)["token_sha256"] == sha256_hex(bodies[0]["session_token"])
     assert session_record(app, dsid)["version"] == "1"
 

@@ -22,13 +22,13 @@ from authsession.domain.ports import UserResolution
 from authsession.domain.units import format_time, parse_time
 from authsession.services.users_stub import StubUserDirectory, stub_user_id
 from tests.contract import (
-    INDEX_KEY,
     INTERNAL,
     SESSION_FIELDS,
-    SESSION_KEY,
     SNAPSHOT_KEY,
     STREAM,
     error_code,
+    index_key,
+    session_key,
 )
 from tests.integration.conftest import AppEnv, AppFactory
 
@@ -78,7 +78,7 @@ def epoch_ms(value: datetime) -> int:
 
 
 def session_hash(app: AppEnv, device_session_id: str) -> dict[str, str]:
-    return cast(dict[str, str], app.redis.hgetall(SESSION_KEY.format(device_session_id)))
+    return cast(dict[str, str], app.redis.hgetall(session_key(device_session_id)))
 
 
 def snapshot(app: AppEnv, device_session_id: str) -> dict[str, Any] | None:
@@ -224,12 +224,12 @@ async def test_list_malformed_user_id_is_400(app: AppEnv, user_id: str) -> None:
 async def test_list_prunes_index_members_whose_record_is_gone(app: AppEnv) -> None:
     kept = await login(app)
     dropped = await login(app)
-    index = INDEX_KEY.format(kept.user_id)
+    index = index_key(kept.user_id)
     assert set(app.redis.zrange(index, 0, -1)) == {
         kept.device_session_id,
         dropped.device_session_id,
     }
-    app.redis.delete(SESSION_KEY.format(dropped.device_session_id))
+    app.redis.delete(session_key(dropped.device_session_id))
     app.clock.advance(timedelta(hours=1))
 
     assert await list_ids(app, kept.user_id) == [kept.device_session_id]
@@ -256,7 +256,7 @@ async def test_list_during_session_creation_does_not_unlist_the_new_session(
         store._create = write_record  # type: ignore[attr-defined]
 
     assert session_hash(app, created.device_session_id)["status"] == "active"
-    assert created.device_session_id in app.redis.zrange(INDEX_KEY.format(user_id), 0, -1)
+    assert created.device_session_id in app.redis.zrange(index_key(user_id), 0, -1)
     revoked = await app.internal.post(f"{INTERNAL}/users/{user_id}/sessions/revoke")
     assert created.device_session_id in revoked.json()["revoked_session_ids"]
     assert session_hash(app, created.device_session_id)["status"] == "revoked"
@@ -264,7 +264,7 @@ async def test_list_during_session_creation_does_not_unlist_the_new_session(
 
 async def test_index_is_scored_by_creation_time(app: AppEnv) -> None:
     item = await login(app)
-    score = app.redis.zscore(INDEX_KEY.format(item.user_id), item.device_session_id)
+    score = app.redis.zscore(index_key(item.user_id), item.device_session_id)
     created_at = parse_time(session_hash(app, item.device_session_id)["created_at"])
     assert score == pytest.approx(created_at.timestamp() * 1000, abs=1)
 
@@ -272,11 +272,7 @@ async def test_index_is_scored_by_creation_time(app: AppEnv) -> None:
 @pytest.mark.parametrize("broken", ["index", "record"])
 async def test_redis_failure_is_503(app: AppEnv, broken: str) -> None:
     item = await login(app)
-    key = (
-        INDEX_KEY.format(item.user_id)
-        if broken == "index"
-        else SESSION_KEY.format(item.device_session_id)
-    )
+    key = index_key(item.user_id) if broken == "index" else session_key(item.device_session_id)
     app.redis.delete(key)
     app.redis.set(key, "wrong type")  # every read of it now fails with WRONGTYPE
     url = (
@@ -433,7 +429,7 @@ async def test_revoke_unknown_session_is_404(app: AppEnv) -> None:
     response = await app.internal.post(f"{INTERNAL}/sessions/{UNKNOWN_SESSION_ID}/revoke")
     assert response.status_code == 404
     assert error_code(response) == "session_not_found"
-    assert not app.redis.exists(SESSION_KEY.format(UNKNOWN_SESSION_ID))
+    assert not app.redis.exists(session_key(UNKNOWN_SESSION_ID))
 
 
 async def test_revoke_again_keeps_revoked_at_reason_and_version(app: AppEnv) -> None:
@@ -581,7 +577,7 @@ async def test_extend_with_ttl(app: AppEnv, ttl: str, delta: timedelta) -> None:
 
 async def test_extend_moves_the_record_expiry(app: AppEnv) -> None:
     item = await login(app)
-    key = SESSION_KEY.format(item.device_session_id)
+    key = session_key(item.device_session_id)
     now = app.clock.now()
     await app.internal.post(
         f"{INTERNAL}/sessions/{item.device_session_id}/extend", json={"ttl": "1h"}
@@ -671,7 +667,7 @@ async def test_extend_unknown_session_is_404(app: AppEnv) -> None:
     response = await app.internal.post(f"{INTERNAL}/sessions/{UNKNOWN_SESSION_ID}/extend")
     assert response.status_code == 404
     assert error_code(response) == "session_not_found"
-    assert not app.redis.exists(SESSION_KEY.format(UNKNOWN_SESSION_ID))
+    assert not app.redis.exists(session_key(UNKNOWN_SESSION_ID))
 
 
 # --------------------------------------------------------------------------- block

@@ -26,6 +26,8 @@ from authsession.domain.model import Challenge, ChallengeStatus, Session, Snapsh
 from authsession.domain.ports import (
     AttemptResult,
     ChallengeStore,
+    CreateOutcome,
+    CreateResult,
     ExtendResult,
     FailureBudget,
     ProjectionPublisher,
@@ -159,7 +161,7 @@ def _redis_ports(clock: FixedClock, client: redis.asyncio.Redis) -> Ports:
         sessions=RedisSessionStore(client, keys, clock),
         throttle=RedisResendThrottle(client, keys),
         failures=RedisFailureBudget(client, keys),
-        projection=RedisProjectionPublisher(client, SNAPSHOT_PREFIX, STREAM, 10_000),
+        projection=RedisProjectionPublisher(client, SNAPSHOT_PREFIX, STREAM, 10_000, keys=keys),
         rate_limiter=RedisRateLimiter(client, keys),
         read_snapshot=read_snapshot,
         read_events=read_events,
@@ -251,7 +253,7 @@ def session(
     **extra: Any,
 ) -> Session:
     created = created_at or ports.now
-    device_session_id = extra.pop("device_session_id", codes.new_id())
+    device_session_id = extra.pop("device_session_id", codes.new_session_id(user_id))
     values: dict[str, Any] = {
         "device_session_id": device_session_id,
         "user_id": user_id,
@@ -265,9 +267,13 @@ def session(
     return Session(**values)
 
 
+async def create(ports: Ports, record: Session, *, limit: int = 0) -> CreateOutcome:
+    return await ports.sessions.create(record, SESSION_RETENTION, limit=limit, now=ports.now)
+
+
 async def stored_session(ports: Ports, **extra: Any) -> Session:
     record = session(ports, **extra)
-    assert await ports.sessions.create(record, SESSION_RETENTION) is True
+    assert (await create(ports, record)).result is CreateResult.CREATED
     return record
 
 
@@ -559,7 +565,9 @@ async def test_create_never_overwrites_an_existing_session(ports: Ports) -> None
         client_ip="198.51.100.1",
         version=7,
     )
-    assert await ports.sessions.create(other, SESSION_RETENTION) is False
+    outcome = await create(ports, other)
+    assert outcome.result is CreateResult.EXISTS
+    assert outcome.session == original
     assert await ports.sessions.get(original.device_session_id) == original
     assert await ports.sessions.list_for_user(original.user_id) == [original]
 
@@ -570,7 +578,7 @@ async def test_create_never_resurrects_a_revoked_session(ports: Ports) -> None:
         original.device_session_id, "revoked_by_backend", ports.now, SESSION_RETENTION
     )
     assert revoked is not None
-    assert await ports.sessions.create(original, SESSION_RETENTION) is False
+    assert (await create(ports, original)).result is CreateResult.EXISTS
     stored = await ports.sessions.get(original.device_session_id)
     assert stored == revoked[0]
     assert stored.revoked_at == ports.now
@@ -580,7 +588,8 @@ async def test_create_never_resurrects_a_revoked_session(ports: Ports) -> None:
 async def test_concurrent_creates_write_once(ports: Ports) -> None:
     record = session(ports)
     variants = [replace(record, client_ip=f"198.51.100.{n}") for n in range(10)]
-    created = await asyncio.gather(*(ports.sessions.create(v, SESSION_RETENTION) for v in variants))
+    outcomes = await asyncio.gather(*(create(ports, v) for v in variants))
+    created = [o.result is CreateResult.CREATED for o in outcomes]
     assert created.count(True) == 1
     stored = await ports.sessions.get(record.device_session_id)
     assert stored == variants[created.index(True)]
@@ -641,7 +650,7 @@ async def test_list_prunes_only_members_older_than_the_grace(ports: Ports) -> No
 async def test_session_past_its_retention_is_gone(ports: Ports) -> None:
     created = ports.now - timedelta(hours=720) - SESSION_RETENTION - timedelta(minutes=1)
     old = session(ports, created_at=created)
-    await ports.sessions.create(old, SESSION_RETENTION)
+    await create(ports, old)
     assert await ports.sessions.get(old.device_session_id) is None
     assert await ports.sessions.list_for_user("usr-1") == []
 
@@ -649,7 +658,7 @@ async def test_session_past_its_retention_is_gone(ports: Ports) -> None:
 async def test_an_old_session_never_unlists_the_users_other_sessions(ports: Ports) -> None:
     live = await stored_session(ports)
     created = ports.now - timedelta(hours=720) - SESSION_RETENTION - timedelta(minutes=1)
-    await ports.sessions.create(session(ports, created_at=created), SESSION_RETENTION)
+    await create(ports, session(ports, created_at=created))
     assert await ports.sessions.list_for_user("usr-1") == [live]
 
 

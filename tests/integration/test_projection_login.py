@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from authsession.services.users_stub import stub_user_id
-from tests.contract import STREAM
+from tests.contract import STREAM, index_key, session_key
 from tests.integration.conftest import AppEnv, AppFactory
 from tests.integration.test_confirm import confirm, issue, session_keys, session_record
 from tests.integration.test_send_email_code import (
@@ -114,7 +114,7 @@ async def test_projection_failure_is_503_and_the_identical_retry_completes_it(
     challenge = challenge_record(app, challenge_id)
     assert challenge["status"] == "confirmed_pending_expire"
     dsid = challenge["device_session_id"]
-    assert session_keys(app) == [f"{PREFIX}session:{dsid}"]  # the source of truth is written
+    assert session_keys(app) == [session_key(dsid, PREFIX)]  # the source of truth is written
 
     app.redis.delete(STREAM)
     retry = await confirm(app, challenge_id, code)
@@ -124,7 +124,7 @@ async def test_projection_failure_is_503_and_the_identical_retry_completes_it(
     assert body["device_session_id"] == dsid
     assert body["session_token"] == challenge["session_token"]
     assert body["created"] is False
-    assert session_keys(app) == [f"{PREFIX}session:{dsid}"]
+    assert session_keys(app) == [session_key(dsid, PREFIX)]
     document = snapshot(app, dsid)
     assert document is not None
     assert document["status"] == "active"
@@ -147,7 +147,7 @@ async def test_session_write_failure_after_the_transition_is_503_and_the_retry_c
     mail = FakeMail()
     app = await make_app(users=FakeUsers({"jane@example.com": "usr-jane"}), mail=mail)
     challenge_id, code = await issue(app, mail)
-    index = f"{PREFIX}user_sessions:usr-jane"
+    index = index_key("usr-jane", PREFIX)
     app.redis.set(index, "x")  # the user index holds the wrong type: the write fails
 
     assert_error(await confirm(app, challenge_id, code), 503, "service_unavailable")

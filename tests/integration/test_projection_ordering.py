@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from authsession.domain.units import format_time, parse_time
-from tests.contract import INTERNAL, SESSION_KEY, SNAPSHOT_KEY, STREAM, error_code
+from tests.contract import INTERNAL, SNAPSHOT_KEY, STREAM, error_code, session_key
 from tests.integration.conftest import AppEnv
 
 
@@ -66,7 +66,7 @@ async def test_revoke_never_replaces_a_higher_version(app: AppEnv) -> None:
 
     assert response.status_code == 200
     assert response.json()["version"] == 2
-    assert app.redis.hget(SESSION_KEY.format(sid), "status") == "revoked"
+    assert app.redis.hget(session_key(sid), "status") == "revoked"
     assert raw_snapshot(app, sid) == planted
     assert app.redis.pexpiretime(SNAPSHOT_KEY.format(sid)) == expiry
     assert len(events(app, sid)) == events_before
@@ -172,7 +172,7 @@ async def test_broken_stream_revoke_is_503_then_retry_repairs(app: AppEnv) -> No
 
     assert failed.status_code == 503
     assert error_code(failed) == "service_unavailable"
-    record = app.redis.hgetall(SESSION_KEY.format(sid))
+    record = app.redis.hgetall(session_key(sid))
     assert record["status"] == "revoked"
     assert record["revoked_at"] == revoked_at
     assert record["version"] == "2"
@@ -189,7 +189,7 @@ async def test_broken_stream_revoke_is_503_then_retry_repairs(app: AppEnv) -> No
     assert body["status"] == "revoked"
     assert body["revoked_at"] == revoked_at
     assert body["version"] == 2
-    assert app.redis.hget(SESSION_KEY.format(sid), "version") == "2"
+    assert app.redis.hget(session_key(sid), "version") == "2"
     appended = events(app, sid)
     assert len(appended) == 1
     assert appended[0]["status"] == "revoked"
@@ -208,7 +208,7 @@ async def test_broken_snapshot_key_revoke_is_503_then_retry_repairs(app: AppEnv)
 
     assert failed.status_code == 503
     assert error_code(failed) == "service_unavailable"
-    assert app.redis.hget(SESSION_KEY.format(sid), "status") == "revoked"
+    assert app.redis.hget(session_key(sid), "status") == "revoked"
     assert len(events(app, sid)) == events_before  # no event without its key
 
     app.redis.delete(key)
@@ -230,7 +230,7 @@ async def test_broken_stream_extend_is_503_and_record_is_extended(app: AppEnv) -
     failed = await app.internal.post(f"{INTERNAL}/sessions/{sid}/extend", json={"ttl": "1h"})
     assert failed.status_code == 503
     assert error_code(failed) == "service_unavailable"
-    assert app.redis.hget(SESSION_KEY.format(sid), "version") == "2"
+    assert app.redis.hget(session_key(sid), "version") == "2"
     assert snapshot(app, sid)["version"] == 2
 
     app.redis.delete(STREAM)
@@ -264,6 +264,6 @@ async def test_broken_stream_confirm_is_503_then_identical_retry_completes(
 
     assert retried.status_code == 200
     assert retried.json()["device_session_id"] == sid
-    assert app.redis.hget(SESSION_KEY.format(sid), "version") == "1"
+    assert app.redis.hget(session_key(sid), "version") == "1"
     assert snapshot(app, sid)["status"] == "active"
     assert [e["version"] for e in events(app, sid)] == ["1"]

@@ -31,6 +31,7 @@ from authsession.services.mail_stub import StubMailSender
 from authsession.services.users_stub import StubUserDirectory, stub_user_id
 from authsession.settings import Settings, load_settings
 from authsession.wiring import Core, StartupCheckFailed, build_core
+from tests.contract import index_key, session_key
 from tests.integration.conftest import AppEnv, ManualClock
 from tests.support.net import LOOPBACK, free_port
 from tests.support.redis_topologies import (
@@ -205,12 +206,12 @@ async def test_login_and_listing_across_slots(running: Running) -> None:
     assert all(b["created"] for b in (first, second, third))
 
     for dsid in ids:
-        record = app.redis.hgetall(f"{PREFIX}session:{dsid}")
+        record = app.redis.hgetall(session_key(dsid, PREFIX))
         assert record["status"] == "active"
         assert record["user_id"] == user_id
         assert snapshot(app, dsid)["status"] == "active"
         assert events_for(app, dsid) == [("active", "1")]
-    assert sorted(app.redis.zrange(f"{PREFIX}user_sessions:{user_id}", 0, -1)) == sorted(ids)
+    assert sorted(app.redis.zrange(index_key(user_id, PREFIX), 0, -1)) == sorted(ids)
 
     # The listing reads every session record in one pipeline (split by node on a cluster).
     response = await app.internal.get(f"{INTERNAL}/users/{user_id}/sessions")
@@ -219,9 +220,9 @@ async def test_login_and_listing_across_slots(running: Running) -> None:
 
     if isinstance(app.redis, redis.cluster.RedisCluster):
         keys = [
-            *(f"{PREFIX}session:{dsid}" for dsid in ids),
+            *(session_key(dsid, PREFIX) for dsid in ids),
             *(SNAPSHOT_PREFIX + dsid for dsid in ids),
-            f"{PREFIX}user_sessions:{user_id}",
+            index_key(user_id, PREFIX),
             STREAM,
         ]
         nodes = {app.redis.get_node_from_key(key).name for key in keys}
@@ -240,7 +241,7 @@ async def test_revoke_publishes_the_snapshot_and_the_event(running: Running) -> 
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "revoked"
     assert response.json()["version"] == 2
-    assert app.redis.hget(f"{PREFIX}session:{dsid}", "status") == "revoked"
+    assert app.redis.hget(session_key(dsid, PREFIX), "status") == "revoked"
     document = snapshot(app, dsid)
     assert (document["status"], document["version"]) == ("revoked", 2)
     assert document["revoke_reason"] == "logout"
@@ -268,8 +269,8 @@ async def test_concurrent_confirms_create_one_session(running: Running) -> None:
     assert len({(b["device_session_id"], b["session_token"]) for b in bodies}) == 1
     dsid = bodies[0]["device_session_id"]
     user_id = stub_user_id(EMAIL)
-    assert app.redis.zrange(f"{PREFIX}user_sessions:{user_id}", 0, -1) == [dsid]
-    assert app.redis.hget(f"{PREFIX}session:{dsid}", "version") == "1"
+    assert app.redis.zrange(index_key(user_id, PREFIX), 0, -1) == [dsid]
+    assert app.redis.hget(session_key(dsid, PREFIX), "version") == "1"
     assert snapshot(app, dsid)["version"] == 1
     # Replayed confirms may announce the same snapshot again, never another one.
     assert set(events_for(app, dsid)) == {("active", "1")}
@@ -329,7 +330,7 @@ async def test_sentinel_failover_keeps_the_service_working(
             assert response.status_code == 200, response.text
             assert response.json()["status"] == "active"
             after = (await login_again(app))["device_session_id"]
-            assert app.redis.hget(f"{PREFIX}session:{after}", "status") == "active"
+            assert app.redis.hget(session_key(after, PREFIX), "status") == "active"
         finally:
             await stop_app(app)
             sync.close()

@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 
 from authsession.settings import Settings
-from tests.contract import INTERNAL, SESSION_KEY, SNAPSHOT_KEY, STREAM, error_code
+from tests.contract import INTERNAL, SNAPSHOT_KEY, STREAM, error_code, session_key
 from tests.integration.conftest import AppEnv, AppFactory
 
 
@@ -32,7 +32,7 @@ async def login(app: AppEnv, email: str = "jane@example.com") -> dict[str, Any]:
 
 
 def record(app: AppEnv, sid: str) -> dict[str, str]:
-    return cast(dict[str, str], app.redis.hgetall(SESSION_KEY.format(sid)))
+    return cast(dict[str, str], app.redis.hgetall(session_key(sid)))
 
 
 def snapshot(app: AppEnv, sid: str) -> dict[str, Any] | None:
@@ -117,7 +117,7 @@ async def test_extend_after_revoke_is_409_and_changes_nothing(app: AppEnv) -> No
     sid = item["device_session_id"]
     revoked = await revoke(app, sid)
     stored = record(app, sid)
-    key_expiry = app.redis.pexpiretime(SESSION_KEY.format(sid))
+    key_expiry = app.redis.pexpiretime(session_key(sid))
     snapshot_expiry = app.redis.pexpiretime(SNAPSHOT_KEY.format(sid))
 
     for body in (None, {"ttl": "1h"}):
@@ -126,7 +126,7 @@ async def test_extend_after_revoke_is_409_and_changes_nothing(app: AppEnv) -> No
         assert error_code(response) == "session_revoked"
 
     assert record(app, sid) == stored
-    assert app.redis.pexpiretime(SESSION_KEY.format(sid)) == key_expiry
+    assert app.redis.pexpiretime(session_key(sid)) == key_expiry
     assert app.redis.pexpiretime(SNAPSHOT_KEY.format(sid)) == snapshot_expiry
     assert_still_revoked(app, sid, revoked)
 
@@ -241,14 +241,14 @@ async def test_replay_cannot_resurrect_a_revoked_session_whose_record_expired(
     await revoke(app, sid)
     # Redis drops the record at expires_at + SESSION_RETENTION (real time).
     deadline = time.monotonic() + 5
-    while app.redis.exists(SESSION_KEY.format(sid)) and time.monotonic() < deadline:
+    while app.redis.exists(session_key(sid)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert not app.redis.exists(SESSION_KEY.format(sid))
+    assert not app.redis.exists(session_key(sid))
     app.clock.advance(timedelta(seconds=3))  # the record outlived the replay window
 
     replay = await app.confirm(item["challenge_id"], item["code"])
 
     assert replay.status_code == 410
-    assert not app.redis.exists(SESSION_KEY.format(sid))
+    assert not app.redis.exists(session_key(sid))
     doc = snapshot(app, sid)
     assert doc is None or doc["status"] == "revoked"

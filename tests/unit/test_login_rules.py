@@ -404,8 +404,9 @@ async def test_replay_returns_the_same_session_and_republishes(world: FakeWorld)
     [session] = await world.store.list_for_user(USER)
     assert session.device_session_id == first.device_session_id
     assert session.device_name == "Jane's phone"
+    # The snapshot is current: a replay appends no second event (CONTRACT §12/§9).
     events = world.projection.events_for(first.device_session_id)
-    assert [e["version"] for e in events] == ["1", "1"]
+    assert [e["version"] for e in events] == ["1"]
     assert world.users.calls_to("ensure") == []
 
 
@@ -721,12 +722,16 @@ async def test_a_retry_completes_the_session_limit(world: FakeWorld) -> None:
     world.config.set(max_active_sessions_per_user=1)
     first = await login(world)
     challenge_id, code = await send_code(world)
-    world.store.fail("revoke", times=1)  # the limit's revocation of the oldest fails
+    # The limit's revocation of the oldest is atomic with the creation; its publication
+    # fails, so the oldest is revoked in the source of truth but still active at gateways.
+    world.projection.fail("publish", times=1)
     with pytest.raises(ServiceUnavailable):
         await confirm(world, challenge_id, code)
-    retry = await confirm(world, challenge_id, code)
-    active = await world.sessions.list_sessions(USER, "active")
-    assert [s.device_session_id for s in active] == [retry.device_session_id]
     old = await world.store.get(first.device_session_id)
     assert old is not None
     assert old.revoke_reason == "session_limit"
+    assert world.projection.snapshot(first.device_session_id)["status"] == "active"
+    retry = await confirm(world, challenge_id, code)
+    active = await world.sessions.list_sessions(USER, "active")
+    assert [s.device_session_id for s in active] == [retry.device_session_id]
+    assert world.projection.snapshot(first.device_session_id)["status"] == "revoked"

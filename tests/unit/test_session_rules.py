@@ -438,13 +438,14 @@ async def test_a_session_confirmed_before_the_block_is_revoked_and_its_replay_is
 
 
 async def _assert_blocked_session_revoked(world: FakeWorld, challenge_id: str) -> None:
+    # The block marker is checked in the same atomic step that would write the session:
+    # the confirmed challenge's session is never written, let alone published.
     assert await world.sessions.list_sessions(USER, "active") == []
     challenge = await world.challenges.get(challenge_id)
     assert challenge is not None
     assert challenge.device_session_id is not None
-    session = await current(world, challenge.device_session_id)
-    assert session.revoke_reason == "user_blocked"
-    assert snapshot_of(world, session.device_session_id)["status"] == "revoked"
+    assert await world.store.get(challenge.device_session_id) is None
+    assert world.projection.snapshot(challenge.device_session_id) is None
 
 
 async def test_a_confirm_retried_after_a_block_cannot_open_a_session(world: FakeWorld) -> None:
@@ -506,20 +507,27 @@ async def test_a_block_racing_a_confirm_leaves_no_active_session() -> None:
     await _assert_blocked_session_revoked(world, challenge_id)
 
 
-async def test_revoke_all_during_a_session_write_does_not_lose_the_session(
+async def test_a_failed_session_write_leaves_nothing_and_the_retry_writes_it(
     world: FakeWorld,
 ) -> None:
-    # The index is written before the record; a listing in between must neither show nor
-    # forget the half-created session, so a later revoke-all still finds it.
-    device_session_id = codes.new_id()
-    world.store.fail("create.record", times=1)
-    with pytest.raises(ServiceUnavailable):
-        await world.sessions.materialize(
+    # The index and the record are written by one atomic step: a failure leaves neither,
+    # so no listing or revoke-all can see half a session; the retry writes both.
+    device_session_id = codes.new_session_id(USER)
+    world.store.fail("create", times=1)
+
+    async def materialize() -> Session:
+        return await world.sessions.materialize(
             device_session_id=device_session_id,
             session_token=codes.new_session_token(device_session_id),
             user_id=USER,
             client=world.client,
             device_name=None,
         )
+
+    with pytest.raises(ServiceUnavailable):
+        await materialize()
+    assert world.store.indexed(USER) == []
     assert await world.sessions.revoke_all(USER) == []
-    assert device_session_id in world.store.indexed(USER)
+    session = await materialize()
+    assert world.store.indexed(USER) == [device_session_id]
+    assert await world.sessions.revoke_all(USER) == [session.device_session_id]

@@ -245,14 +245,16 @@ def build_core(
     background = [scrubber]
     interval = settings.PROJECTION_RECONCILE_INTERVAL
     if interval > timedelta(0):
+        # Renewed before every run and between the batches of a run, so the holder keeps
+        # it for as long as it works; another process takes over once it runs out.
+        lease = Lease(client, keys.lease("projection_reconcile"), max(interval * 2, LEASE_TTL))
         background.append(
             PeriodicTask(
                 "projection-reconcile",
                 interval,
-                functools.partial(reconciler.run, repair=True),
+                functools.partial(reconciler.run_leased, lease),
                 "projection reconciliation failed",
-                # Held a little longer than a run's interval, so the holder keeps it.
-                Lease(client, keys.lease("projection_reconcile"), interval * 2),
+                lease,
             )
         )
     return Core(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import StrEnum
@@ -30,16 +30,31 @@ from typing import Any, Protocol
 
 from authsession.domain.model import Session
 from authsession.domain.ports import Clock
-from authsession.domain.units import to_epoch_ms
-from authsession.redis.base import Keys, RedisClient, as_strings, glob_escape, redis_call
+from authsession.domain.units import format_time, to_epoch_ms
+from authsession.redis.base import (
+    Keys,
+    Lease,
+    RedisClient,
+    as_strings,
+    glob_escape,
+    redis_call,
+)
 from authsession.redis.projection import RedisProjectionPublisher
 from authsession.redis.sessions import session_from
 
 log = logging.getLogger("authsession.reconciler")
 
 BATCH = 500
+_LIGHT_FIELDS = ("status", "version", "expires_at")
 # A pending-event marker younger than this belongs to a publication still in flight.
 PENDING_GRACE = timedelta(seconds=10)
+
+
+KeepAlive = Callable[[], Awaitable[bool]]
+
+
+class LeaseLost(Exception):
+    """Another process took the reconciler's lease during a pass."""
 
 
 class DriftKind(StrEnum):
@@ -104,12 +119,27 @@ class ProjectionReconciler:
         self._clock = clock
         self._metrics = metrics
         self._batch = batch
+        self._keep_alive: KeepAlive | None = None
+
+    async def run_leased(self, lease: Lease) -> DriftReport | None:
+        """The periodic pass: repair, renewing ``lease`` between batches; ``None`` when
+        the lease went to another process meanwhile."""
+        try:
+            return await self.run(repair=True, keep_alive=lease.hold)
+        except LeaseLost:
+            log.info("projection reconciliation handed over to another process")
+            return None
 
     @redis_call
-    async def run(self, *, repair: bool) -> DriftReport:
-        """One full pass over records, snapshots and markers."""
+    async def run(self, *, repair: bool, keep_alive: KeepAlive | None = None) -> DriftReport:
+        """One full pass over records, snapshots and markers.
+
+        ``keep_alive`` (the lease's renewal) is awaited between batches; the pass stops
+        early when it answers ``False`` (another process holds the lease now).
+        """
         started = time.perf_counter()
         report = DriftReport()
+        self._keep_alive = keep_alive
         async for keys in self._batches(self._keys.session_pattern(), "hash"):
             report.sessions += len(keys)
             await self._records(keys, report, repair)
@@ -141,6 +171,8 @@ class ProjectionReconciler:
             if len(batch) >= self._batch:
                 yield batch
                 batch = []
+                if self._keep_alive is not None and not await self._keep_alive():
+                    raise LeaseLost()
         if batch:
             yield batch
 
@@ -175,17 +207,37 @@ class ProjectionReconciler:
             return DriftKind.STALE_VERSION
         return None
 
+    async def _light_drift(self, ids: list[str]) -> list[str]:
+        """The ids whose record and snapshot differ, from three fields of each record."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for device_session_id in ids:
+                pipe.hmget(self._keys.session(device_session_id), _LIGHT_FIELDS)
+                pipe.get(self._publisher.snapshot_key(device_session_id))
+            replies = await pipe.execute()
+        now = format_time(self._clock.now())
+        suspects: list[str] = []
+        for i, device_session_id in enumerate(ids):
+            (status, version, expires_at), raw = replies[2 * i], replies[2 * i + 1]
+            if status is None or version is None or expires_at is None:
+                continue  # gone since the SCAN, or not a record of ours
+            if raw is None:
+                if str(expires_at) > now:
+                    suspects.append(device_session_id)
+                continue
+            snapshot = _document(raw) or {}
+            held_active = snapshot.get("status") == "active"
+            if (status == "revoked" and held_active) or int(snapshot.get("version", 0)) < int(
+                version
+            ):
+                suspects.append(device_session_id)
+        return suspects
+
     async def _records(self, keys: list[str], report: DriftReport, repair: bool) -> None:
-        ids = [self._keys.session_id_of(k) for k in keys]
-        first = await self._read_records(ids)
-        suspects = [
-            i for i, (s, snap) in enumerate(first) if self._record_drift(s, snap) is not None
-        ]
+        suspects = await self._light_drift([self._keys.session_id_of(k) for k in keys])
         if not suspects:
             return
-        # Read again: a confirm or a revoke in flight publishes right after its write.
-        again = await self._read_records([ids[i] for i in suspects])
-        for session, snapshot in again:
+        # Read again, whole: a confirm or a revoke in flight publishes right after its write.
+        for session, snapshot in await self._read_records(suspects):
             kind = self._record_drift(session, snapshot)
             if kind is None or session is None:
                 continue

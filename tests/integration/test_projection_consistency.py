@@ -321,3 +321,44 @@ async def test_concurrent_confirms_leave_exactly_the_newest_sessions_active(
             assert (held["status"], held["version"]) == (s["status"], s["version"])
         revoked = await app.internal.post(f"{INTERNAL}/users/{user_id}/sessions/revoke")
         assert revoked.status_code == 200
+
+
+# ------------------------------------------------------------------ the periodic run
+async def test_a_lease_has_one_holder_until_it_runs_out(make_app: AppFactory) -> None:
+    app = await make_app()
+    from authsession.redis.base import Lease
+
+    key = "authsession:lease:test"
+    first = Lease(app.core.redis, key, timedelta(milliseconds=300))
+    second = Lease(app.core.redis, key, timedelta(milliseconds=300))
+    assert await first.hold()
+    assert not await second.hold()
+    assert await first.hold()  # the holder renews
+    await asyncio.sleep(0.4)
+    assert await second.hold()  # run out: taken over
+    assert not await first.hold()
+
+
+async def test_the_periodic_reconciler_repairs_drift_in_the_background(
+    make_app: AppFactory,
+) -> None:
+    replicas = [await make_app(PROJECTION_RECONCILE_INTERVAL="100ms") for _ in range(2)]
+    app = replicas[0]
+    sid = (await login(app))["device_session_id"]
+    app.redis.delete(session_key(sid))  # the record is lost: an orphan snapshot
+    for replica in replicas:
+        replica.core.start_background()
+    try:
+        for _ in range(50):
+            held = snapshot(app, sid)
+            if held is not None and held["status"] == "revoked":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for replica in replicas:
+            await replica.core.stop_background()
+    held = snapshot(app, sid)
+    assert held is not None
+    assert (held["status"], held["revoke_reason"], held["version"]) == ("revoked", "source_lost", 2)
+    # One revocation was published, whichever replica held the lease.
+    assert events(app, sid) == [("active", "1"), ("revoked", "2")]

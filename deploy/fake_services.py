@@ -10,6 +10,8 @@ user service (``--user-port``, default 9001)
     ``POST /api/v1/users/ensure``            ``{"email"}`` →
         ``{"user_id", "outcome": "existing"|"created"|"blocked"}``
     ``POST /api/v1/users/{user_id}/block``   ``{"reason"}`` → ``200``, or ``404`` if unknown
+    ``GET /api/v1/users/{user_id}``          → ``{"user_id", "status": "active"|"blocked"}``,
+        or ``404`` if unknown
 
 mail service (``--mail-port``, default 9002)
     ``POST /api/v1/mail/login-code``         ``{"email", "code", "challenge_id",
@@ -41,6 +43,7 @@ from urllib.parse import unquote, urlsplit
 MAX_BODY_BYTES = 64 * 1024
 USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 BLOCK_PATH = re.compile(r"^/api/v1/users/(?P<user_id>[^/]+)/block$")
+USER_PATH = re.compile(r"^/api/v1/users/(?P<user_id>[^/]+)$")
 CODE = re.compile(r"^[0-9]{6}$")
 
 Reply = tuple[int, dict[str, Any] | None]
@@ -89,7 +92,17 @@ class UserService:
         match = BLOCK_PATH.match(path)
         if match:
             return self._block(unquote(match.group("user_id")), body)
+        match = USER_PATH.match(path)
+        if match and method == "GET":
+            return self._status(unquote(match.group("user_id")))
         return HTTPStatus.NOT_FOUND, {"error": "not_found"}
+
+    def _status(self, user_id: str) -> Reply:
+        with self._lock:
+            if user_id not in self._users:
+                return HTTPStatus.NOT_FOUND, {"error": "user_not_found"}
+            status = "blocked" if user_id in self._blocked else "active"
+        return HTTPStatus.OK, {"user_id": user_id, "status": status}
 
     def _resolve(self, email: str) -> Reply:
         user_id = user_id_for(email)
@@ -199,9 +212,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, reply)
 
     def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if isinstance(self.server.service, UserService) and USER_PATH.match(path):
+            status, reply = self.server.service.handle("GET", path, {}, self.headers)
+            self._send(status, reply)
+            return
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method_not_allowed"})
 
-    do_PUT = do_PATCH = do_DELETE = do_GET
+    def do_PUT(self) -> None:
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method_not_allowed"})
+
+    do_PATCH = do_DELETE = do_PUT
 
     def _read_json(self) -> dict[str, Any]:
         length = self.headers.get("Content-Length", "0")

@@ -57,6 +57,7 @@ from authsession.domain.ports import (
     LoginCodeMessage,
     PublishResult,
     UserResolution,
+    UserStatus,
 )
 from authsession.domain.sessions import ClientInfo, SessionService
 from authsession.domain.units import (
@@ -771,6 +772,14 @@ class FakeUsers(Faulty):
         if known is not None:
             return known
         return UserResolution("created", self.add_user(email))
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        """``active``/``blocked`` for a known user id, ``None`` otherwise."""
+        self.calls.append(("user_status", user_id))
+        await self._step("user_status")
+        if user_id not in self.users.values():
+            return None
+        return "blocked" if user_id in self.blocked else "active"
 
     async def block(self, user_id: str, reason: str) -> None:
         """Block a known user; ``UserNotFound`` otherwise."""

@@ -270,6 +270,10 @@ class LoginService:
             if ensured.outcome == "blocked" or ensured.user_id is None:
                 raise UserBlocked()
             user_id = ensured.user_id
+        elif await self._users.user_status(user_id) != "active":
+            # Asked now, not at send time: a block made directly in the user service (or
+            # a user deleted there) stops a code mailed before it (CONTRACT §12/§5).
+            raise UserBlocked()
         if await self._sessions.is_user_blocked(user_id):
             raise UserBlocked()
         config = self._config.current()

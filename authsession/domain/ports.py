@@ -246,6 +246,7 @@ class RateLimiter(Component, Protocol):
 
 
 UserOutcome = Literal["existing", "unknown", "blocked", "created"]
+UserStatus = Literal["active", "blocked"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +270,10 @@ class UserDirectory(Protocol):
 
     async def block(self, user_id: str, reason: str) -> None:
         """Block a user; raises ``UserNotFound`` for an unknown user."""
+        ...
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        """``active`` or ``blocked`` now; ``None`` when the user no longer exists."""
         ...
 
 

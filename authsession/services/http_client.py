@@ -93,15 +93,18 @@ async def send_json(
     method: str,
     path: str,
     route: str,
-    body: Mapping[str, object],
+    body: Mapping[str, object] | None,
     headers: Mapping[str, str] | None = None,
 ) -> httpx.Response:
-    """Send one JSON request in a CLIENT span with ``traceparent``, within the client's budget.
+    """Send one JSON request (no body for ``None``) in a CLIENT span with ``traceparent``,
+    within the client's budget.
 
     ``route`` is the path template used as the span name, so ids never become span names.
     Raises the ``httpx.HTTPError`` of a failed exchange, or ``TimeoutError`` past the budget.
     """
-    request = client.build_request(method, path, json=dict(body), headers=headers)
+    request = client.build_request(
+        method, path, json=dict(body) if body is not None else None, headers=headers
+    )
     attributes: dict[str, str | int] = {
         "http.request.method": method,
         "url.full": str(request.url),
@@ -233,14 +236,17 @@ class ServiceCaller:
         *,
         route: str,
         path: str,
-        body: Mapping[str, object],
+        body: Mapping[str, object] | None,
         parse: Callable[[httpx.Response], T],
         headers: Mapping[str, str] | None = None,
+        method: str = "POST",
     ) -> T:
         """One attempt: send, then ``parse`` the answer; raises ``OutboundFailure``, never logs."""
         started = time.perf_counter()
         try:
-            result = await self._attempt(operation, started, route, path, body, parse, headers)
+            result = await self._attempt(
+                operation, started, route, path, body, parse, headers, method
+            )
         except OutboundFailure as failure:
             self._record("error", failure.duration)
             raise
@@ -253,15 +259,16 @@ class ServiceCaller:
         started: float,
         route: str,
         path: str,
-        body: Mapping[str, object],
+        body: Mapping[str, object] | None,
         parse: Callable[[httpx.Response], T],
         headers: Mapping[str, str] | None,
+        method: str,
     ) -> T:
         try:
             response = await send_json(
                 self.client,
                 service=self.service,
-                method="POST",
+                method=method,
                 path=path,
                 route=route,
                 body=body,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from collections.abc import Callable, Mapping
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -17,7 +18,7 @@ from tenacity import (
 )
 
 from authsession.domain.errors import UserNotFound
-from authsession.domain.ports import UserResolution
+from authsession.domain.ports import UserResolution, UserStatus
 from authsession.services.http_client import (
     OnResult,
     OutboundFailure,
@@ -27,6 +28,7 @@ from authsession.services.http_client import (
 )
 
 SERVICE = "user_service"
+T = TypeVar("T")
 
 UserId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")
@@ -59,6 +61,16 @@ class _Ensured(BaseModel):
     user_id: UserId
 
 
+class _Status(BaseModel):
+    """``GET /api/v1/users/{user_id}``."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    user_id: UserId
+    status: Literal["active", "blocked"]
+
+
+_STATUS: TypeAdapter[_Status] = TypeAdapter(_Status)
 _RESOLVED: TypeAdapter[_Known | _Unknown] = TypeAdapter(
     Annotated[_Known | _Unknown, Field(discriminator="outcome")]
 )
@@ -75,6 +87,13 @@ def _parse_resolved(response: httpx.Response) -> UserResolution:
 def _parse_ensured(response: httpx.Response) -> UserResolution:
     body = expect_json(response, _ENSURED)
     return UserResolution(outcome=body.outcome, user_id=body.user_id)
+
+
+def _parse_status(response: httpx.Response) -> UserStatus | None:
+    """The user's status; ``None`` for 404 (the user no longer exists)."""
+    if response.status_code == 404:
+        return None
+    return expect_json(response, _STATUS).status
 
 
 def _parse_blocked(response: httpx.Response) -> bool:
@@ -116,6 +135,37 @@ class RestUserDirectory:
         """``existing``/``unknown``/``blocked``; retried once on transport errors, 502/503/504."""
         # Resolving is a read, so repeating it is safe; ensure and block are not retried
         # because a lost answer to a write could be mistaken for "not done".
+        return await self._read(
+            "resolve_by_email",
+            route="/api/v1/users/resolve-by-email",
+            path="/api/v1/users/resolve-by-email",
+            body={"email": email},
+            parse=_parse_resolved,
+        )
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        """``GET /api/v1/users/{user_id}``: ``active``/``blocked``, ``None`` for 404;
+        retried like ``resolve-by-email`` (a read)."""
+        return await self._read(
+            "user_status",
+            route="/api/v1/users/{user_id}",
+            path=f"/api/v1/users/{_user_path_segment(user_id)}",
+            body=None,
+            parse=_parse_status,
+            method="GET",
+        )
+
+    async def _read(
+        self,
+        operation: str,
+        *,
+        route: str,
+        path: str,
+        body: Mapping[str, object] | None,
+        parse: Callable[[httpx.Response], T],
+        method: str = "POST",
+    ) -> T:
+        """One read of the user service, retried once on transport errors, 502/503/504."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(2),
             wait=wait_none(),
@@ -129,11 +179,12 @@ class RestUserDirectory:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     return await self._caller.call(
-                        "resolve_by_email",
-                        route="/api/v1/users/resolve-by-email",
-                        path="/api/v1/users/resolve-by-email",
-                        body={"email": email},
-                        parse=_parse_resolved,
+                        operation,
+                        route=route,
+                        path=path,
+                        body=body,
+                        parse=parse,
+                        method=method,
                     )
         except OutboundFailure as failure:
             failure.log(logging.WARNING, attempts=attempts)

@@ -12,7 +12,7 @@ import hashlib
 import re
 
 from authsession.domain.errors import UserNotFound
-from authsession.domain.ports import UserResolution
+from authsession.domain.ports import UserResolution, UserStatus
 
 _STUB_ID = re.compile(r"^usr_[0-9a-f]{32}$")
 
@@ -39,6 +39,12 @@ class StubUserDirectory:
     async def ensure(self, email: str) -> UserResolution:
         """Same as resolve: every address already exists."""
         return self._resolve(email)
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        """``blocked`` once blocked; every id of the stub's form exists."""
+        if not _STUB_ID.fullmatch(user_id):
+            return None
+        return "blocked" if user_id in self.blocked else "active"
 
     async def block(self, user_id: str, reason: str) -> None:
         """Remember the block; ids not of the stub's form are unknown."""

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from authsession.domain.errors import ServiceUnavailable, UserNotFound
-from authsession.domain.ports import UserResolution
+from authsession.domain.ports import UserResolution, UserStatus
 from authsession.domain.units import format_time, parse_time
 from authsession.services.users_stub import StubUserDirectory, stub_user_id
 from tests.contract import (
@@ -139,6 +139,10 @@ class RecordingUsers:
 
     async def ensure(self, email: str) -> UserResolution:
         return self._resolve(email)
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        # With remember_blocks=False the user service forgets the block at once.
+        return "blocked" if user_id in self.blocked else "active"
 
     async def block(self, user_id: str, reason: str) -> None:
         self.block_calls.append((user_id, reason))

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from authsession.domain.errors import ServiceUnavailable
-from authsession.domain.ports import LoginCodeMessage, UserResolution
+from authsession.domain.ports import LoginCodeMessage, UserResolution, UserStatus
 from tests.contract import CONFIRM, SEND
 from tests.integration.conftest import AppEnv, AppFactory
 
@@ -72,6 +72,11 @@ class FakeUsers:
     async def block(self, user_id: str, reason: str) -> None:
         self.block_calls.append((user_id, reason))
         self.blocked.add(user_id)
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        if user_id not in self.users.values():
+            return None
+        return "blocked" if user_id in self.blocked else "active"
 
 
 class FakeMail:

@@ -287,6 +287,7 @@ def _string_field(body: Any, name: str) -> str | None:
 
 
 _BLOCK_PATH = re.compile(r"^/api/v1/users/(?P<user_id>[^/]+)/block$")
+_USER_PATH = re.compile(r"^/api/v1/users/(?P<user_id>[^/]+)$")
 
 
 class FakeUserService(FakeHTTPService):
@@ -329,7 +330,19 @@ class FakeUserService(FakeHTTPService):
         match = _BLOCK_PATH.match(path)
         if match:
             return self._only_post(request) or self._block(request, unquote(match["user_id"]))
+        match = _USER_PATH.match(path)
+        if match:
+            if request.method != "GET":
+                return Response(405, {"error": "method"})
+            return self._status(unquote(match["user_id"]))
         return Response(404, {"error": "not_found"})
+
+    def _status(self, user_id: str) -> Response:
+        with self._lock:
+            if user_id not in self.users.values():
+                return Response(404, {"error": "user_not_found"})
+            status = "blocked" if user_id in self.blocked else "active"
+        return Response(200, {"user_id": user_id, "status": status})
 
     @staticmethod
     def _only_post(request: RecordedRequest) -> Response | None:

@@ -4,14 +4,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Every version installed here, in CI and in the image (runtime, dev tools, the build
+# backend, pip itself); `make lock` regenerates it from pyproject.toml.
+CONSTRAINTS := constraints.txt
+PIP_PINNED := --constraint $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
+UV_VERSION := 0.13.9
 
-.PHONY: run test check fmt lint typecheck bench openapi clean
+.PHONY: run test check fmt lint typecheck bench openapi lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
+	$(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS) pip
+	$(BIN)/python -m pip install --quiet $(PIP_PINNED) -e '.[server,dev]'
 	@touch $(STAMP)
 
 ## run: start the service (embedded memory:// store and stub services unless set otherwise)
@@ -35,6 +40,16 @@ fmt: $(STAMP)
 
 openapi: $(STAMP)
 	$(BIN)/python -m authsession.http.openapi openapi
+
+## lock: re-pin constraints.txt to the newest versions pyproject.toml allows (then commit it)
+lock:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(BIN)/python -c 'import tomllib; print("\n".join(["pip", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]]))' > $(VENV)/lock-extra.in
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 \
+	  --extra server --extra dev --custom-compile-command 'make lock' \
+	  --output-file $(CONSTRAINTS) pyproject.toml $(VENV)/lock-extra.in
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -20,6 +20,7 @@ import uvicorn
 
 from authsession.http.internal import create_internal_app
 from authsession.http.public import create_public_app
+from authsession.resolved import log_resolved_config
 from authsession.settings import ListenAddress, Settings
 from authsession.telemetry import Telemetry
 from authsession.wiring import Core, StartupCheckFailed, build_core
@@ -65,6 +66,31 @@ class _Signals:
                 log.info("already closing; signal ignored", extra={"signal": name})
 
 
+class _OncePerProcess(logging.Filter):
+    """Pass uvicorn's process-lifecycle lines once: each of the two servers logs them.
+
+    ``Started server process [<pid>]`` is about the process, not a listener; the runner's
+    own ``listener opened`` / ``listener stopped`` lines name each listener.
+    """
+
+    MESSAGES = frozenset(
+        {"Started server process [%d]", "Shutting down", "Finished server process [%d]"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a lifecycle line already logged by the other server."""
+        if not isinstance(record.msg, str) or record.msg not in self.MESSAGES:
+            return True
+        if record.msg in self._seen:
+            return False
+        self._seen.add(record.msg)
+        return True
+
+
 def bind(address: ListenAddress) -> socket.socket:
     """Bind a listening TCP socket (IPv6 when the host is an IPv6 literal)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -93,9 +119,13 @@ async def run(settings: Settings) -> int:
     signals = _Signals(main_task)
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, signals, signum)
+    once = _OncePerProcess()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(once)
     try:
         return await _run(settings, signals)
     finally:
+        uvicorn_log.removeFilter(once)
         for signum in HANDLED_SIGNALS:
             loop.remove_signal_handler(signum)
 
@@ -119,6 +149,7 @@ async def _run(settings: Settings, signals: _Signals) -> int:
                 extra={"component": exc.component, "cause": exc.cause},
             )
             return 1
+        log_resolved_config(settings)
         return await _serve(core, signals)
     finally:
         signals.stage = "closing"

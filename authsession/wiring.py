@@ -88,25 +88,46 @@ class Core:
         for task in self.background:
             await task.stop()
 
-    async def check(self) -> None:
-        """Bounded ``PING`` of each domain component, in order; raise on the first failure."""
-        bound = self.settings.STARTUP_CHECK_TIMEOUT.total_seconds()
-        for name, component in self.components.items():
-            try:
-                async with asyncio.timeout(bound):
-                    await component.ping()
-            except TimeoutError:
-                raise StartupCheckFailed(name, f"no answer within {bound:g}s") from None
-            except ServiceUnavailable as exc:
-                raise StartupCheckFailed(name, exc.cause or str(exc)) from None
+    def _checks(self) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+        """The startup checks in order: a ``PING`` per component, then the first config read."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            (name, component.ping) for name, component in self.components.items()
+        ]
         # First read of the runtime config, so the first request sees the overrides.
+        steps.append(("config_provider", self.config.refresh))
+        return steps
+
+    async def _check_one(self, name: str, step: Callable[[], Awaitable[object]]) -> None:
+        bound = self.settings.STARTUP_CHECK_TIMEOUT.total_seconds()
         try:
             async with asyncio.timeout(bound):
-                await self.config.refresh()
+                await step()
         except TimeoutError:
-            raise StartupCheckFailed("config_provider", f"no answer within {bound:g}s") from None
+            raise StartupCheckFailed(name, f"no answer within {bound:g}s") from None
         except ServiceUnavailable as exc:
-            raise StartupCheckFailed("config_provider", exc.cause or str(exc)) from None
+            raise StartupCheckFailed(name, exc.cause or str(exc)) from None
+
+    async def check(self) -> None:
+        """Bounded ``PING`` of each domain component, in order; raise on the first failure."""
+        for name, step in self._checks():
+            await self._check_one(name, step)
+
+    async def check_each(self) -> dict[str, str | None]:
+        """The same checks, reported per component: ``None`` when it passed, else the cause.
+
+        Like :meth:`check`, it stops at the first failure (the components share one Redis
+        connection pool, so the others would only wait for the same cause); the components
+        it did not reach are missing from the result.
+        """
+        results: dict[str, str | None] = {}
+        for name, step in self._checks():
+            try:
+                await self._check_one(name, step)
+            except StartupCheckFailed as exc:
+                results[name] = exc.cause
+                break
+            results.setdefault(name, None)
+        return results
 
     async def aclose(self) -> None:
         """Close outbound clients, then Redis; each bounded by the shutdown budget."""

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI
 
 from authsession import __version__
 from authsession.http.errors import install_error_handlers
 from authsession.http.schemas import ErrorResponse
 
+# Documented on every response (CONTRACT §4); the generator (http/openapi.py) puts them
+# in components.headers and refers to them.
 REQUEST_ID_HEADER_DOC: dict[str, object] = {
     "X-Request-ID": {
-        "description": "The caller's X-Request-ID if it was sane, else a new one",
-        "schema": {"type": "string"},
+        "description": "The caller's X-Request-ID if it was sane (1-128 of A-Z a-z 0-9 . _ : -), "
+        "else a new one; the logs carry it as request_id",
+        "required": True,
+        "schema": {"type": "string", "maxLength": 128},
     },
-    "Cache-Control": {"description": "Always no-store", "schema": {"type": "string"}},
+    "Cache-Control": {
+        "description": "Always no-store",
+        "required": True,
+        "schema": {"type": "string", "enum": ["no-store"]},
+    },
 }
+
+# The key of an error response (in ``responses=``) that lists the error codes it answers
+# with; http/openapi.py turns it into descriptions and examples and removes it.
+ERROR_CODES_KEY = "x-error-codes"
 
 # Documented on every operation: the error body is the same everywhere.
 COMMON_ERRORS: dict[int | str, dict[str, object]] = {
@@ -24,12 +38,39 @@ COMMON_ERRORS: dict[int | str, dict[str, object]] = {
     503: {"model": ErrorResponse, "description": "service_unavailable"},
 }
 
+_CODE = re.compile(r"\s*(?P<code>[a-z][a-z0-9_]*)\s*(?:\((?P<note>[^)]*)\))?\s*$")
+
+
+def error_codes(text: str) -> list[dict[str, str]]:
+    """``"invalid_request, invalid_code (details.attempts_remaining)"`` → codes and notes."""
+    found: list[dict[str, str]] = []
+    for part in text.split(","):
+        match = _CODE.match(part)
+        if match is None:
+            raise ValueError(f"not an error code list: {text!r} (use 'code, code (note)')")
+        entry = {"code": match["code"]}
+        if match["note"]:
+            entry["note"] = match["note"].strip()
+        found.append(entry)
+    return found
+
+
+def _error(codes: str) -> dict[str, object]:
+    return {"model": ErrorResponse, "description": codes, ERROR_CODES_KEY: error_codes(codes)}
+
 
 def errors(*extra: tuple[int, str]) -> dict[int | str, dict[str, object]]:
-    """``responses=`` for an operation: the common errors plus its own."""
-    responses = dict(COMMON_ERRORS)
+    """``responses=`` for an operation: the common errors plus its own.
+
+    Each ``(status, codes)`` names the error codes of that status, comma-separated, each
+    optionally followed by a note in parentheses: ``(400, "invalid_request, invalid_code
+    (details.attempts_remaining)")``.
+    """
+    responses: dict[int | str, dict[str, object]] = {
+        status: _error(str(doc["description"])) for status, doc in COMMON_ERRORS.items()
+    }
     for status, codes in extra:
-        responses[status] = {"model": ErrorResponse, "description": codes}
+        responses[status] = _error(codes)
     return responses
 
 

@@ -49,6 +49,7 @@ _tracer = trace.get_tracer("authsession.services")
 
 # Sized for a few hundred logins per second per replica: the user and mail services are
 # called at most twice per login, and each call holds a connection for one timeout at most.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
 
 
@@ -105,14 +106,18 @@ async def send_json(
     request = client.build_request(
         method, path, json=dict(body) if body is not None else None, headers=headers
     )
+    # The route template, never the URL: a path may carry a user id (the block call), and
+    # ids stay out of traces as they do on the server side.
     attributes: dict[str, str | int] = {
         "http.request.method": method,
-        "url.full": str(request.url),
+        "url.scheme": request.url.scheme,
+        "url.template": route,
         "server.address": request.url.host,
         "authsession.service": service,
     }
-    if request.url.port is not None:
-        attributes["server.port"] = request.url.port
+    port = request.url.port or _DEFAULT_PORTS.get(request.url.scheme)
+    if port is not None:
+        attributes["server.port"] = port
     with _tracer.start_as_current_span(
         f"{method} {route}", kind=SpanKind.CLIENT, attributes=attributes
     ) as span:

@@ -417,7 +417,10 @@ async def test_requests_carry_json_and_a_valid_traceparent(
     assert match.group(2) == format(span.context.span_id, "016x")
     assert span.attributes is not None
     assert span.attributes["http.request.method"] == "POST"
-    assert span.attributes["url.full"] == BASE + RESOLVE
+    assert span.attributes["url.template"] == RESOLVE
+    assert span.attributes["url.scheme"] == "http"
+    assert span.attributes["server.address"] == "users.test"
+    assert span.attributes["server.port"] == 80
     assert span.attributes["http.response.status_code"] == 200
     assert span.attributes["authsession.service"] == "user_service"
 
@@ -451,6 +454,25 @@ async def test_block_span_name_uses_the_route_template(
 
     (span,) = spans.get_finished_spans()
     assert span.name == "POST /api/v1/users/{user_id}/block"
+
+
+async def test_no_span_attribute_carries_the_user_id_of_a_block_call(
+    router: respx.MockRouter, users: RestUserDirectory, spans: InMemorySpanExporter
+) -> None:
+    user_id = "usr-7f3a9c"
+    router.post(f"/api/v1/users/{user_id}/block").respond(204)
+
+    await users.block(user_id, "fraud")
+
+    (span,) = spans.get_finished_spans()
+    assert span.attributes is not None
+    assert "url.full" not in span.attributes
+    assert span.attributes["url.template"] == "/api/v1/users/{user_id}/block"
+    assert span.attributes["server.address"] == "users.test"
+    assert span.attributes["http.response.status_code"] == 204
+    leaked = {k: v for k, v in span.attributes.items() if user_id in str(v)}
+    assert leaked == {}
+    assert user_id not in span.name
 
 
 # --- whole-request deadline ----------------------------------------------------------

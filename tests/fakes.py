@@ -56,6 +56,7 @@ from authsession.domain.ports import (
     ExtendResult,
     LoginCodeMessage,
     PublishResult,
+    Scope,
     UserResolution,
     UserStatus,
 )
@@ -467,6 +468,11 @@ class FakeSessionStore(Faulty):
 
 
 # --------------------------------------------------------------------------- throttles
+def _scoped(subject: str, scope: Scope) -> str:
+    """The fakes' key of a subject: the e-mail hash itself, or ``user:<id>``."""
+    return subject if scope == "email" else f"user:{subject}"
+
+
 class FakeResendThrottle(Faulty):
     """The resend cooldown; mirrors ``RedisResendThrottle`` (``SET NX PX``, owner release)."""
 
@@ -480,18 +486,22 @@ class FakeResendThrottle(Faulty):
         owner: str | None = self._windows.get(email_hash)
         return owner
 
-    async def acquire(self, email_hash: str, owner: str, cooldown: timedelta) -> bool:
+    async def acquire(
+        self, subject: str, owner: str, cooldown: timedelta, scope: Scope = "email"
+    ) -> bool:
         """Open a window unless one is open; an open window is never extended."""
         await self._step("acquire")
+        email_hash = _scoped(subject, scope)
         if self._windows.get(email_hash) is not None:
             return False
         length = max(_MS, timedelta(milliseconds=int(cooldown.total_seconds() * 1000)))
         self._windows.put(email_hash, owner, self._clock.now() + length)
         return True
 
-    async def release(self, email_hash: str, owner: str) -> None:
+    async def release(self, subject: str, owner: str, scope: Scope = "email") -> None:
         """Close the window, only if ``owner`` opened it."""
         await self._step("release")
+        email_hash = _scoped(subject, scope)
         if self._windows.get(email_hash) == owner:
             self._windows.delete(email_hash)
 
@@ -505,18 +515,22 @@ class FakeFailureBudget(Faulty):
         self._members = _ExpiringMap(clock)
         self._serial = 0
 
-    async def count(self, email_hash: str, now: datetime, window: timedelta) -> int:
+    async def count(
+        self, subject: str, now: datetime, window: timedelta, scope: Scope = "email"
+    ) -> int:
         """Failures scored after ``now - window`` (``ZCOUNT (since +inf``)."""
         await self._step("count")
+        email_hash = _scoped(subject, scope)
         since = to_epoch_ms(now - window)
         members: list[tuple[int, str]] = self._members.get(email_hash) or []
         return sum(1 for score, _ in members if score > since)
 
     async def reserve(
-        self, email_hash: str, now: datetime, window: timedelta, limit: int
+        self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope = "email"
     ) -> str | None:
         """Drop what left the window; take a slot (a member) if fewer than ``limit`` are used."""
         await self._step("reserve")
+        email_hash = _scoped(subject, scope)
         now_ms = to_epoch_ms(now)
         window_ms = int(window.total_seconds() * 1000)
         members: list[tuple[int, str]] = self._members.get(email_hash) or []
@@ -535,9 +549,10 @@ class FakeFailureBudget(Faulty):
         )
         return member
 
-    async def release(self, email_hash: str, member: str) -> None:
+    async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Remove one reserved member (``ZREM``)."""
         await self._step("release")
+        email_hash = _scoped(subject, scope)
         members: list[tuple[int, str]] | None = self._members.get(email_hash)
         drop_at = self._members.drop_at(email_hash)
         if members is not None and drop_at is not None:

@@ -18,7 +18,13 @@ from authsession.domain.errors import (
     TooManyAttempts,
     UserBlocked,
 )
-from authsession.domain.model import Challenge, ChallengeStatus, FixedConfig, SessionStatus
+from authsession.domain.model import (
+    Challenge,
+    ChallengeStatus,
+    FixedConfig,
+    RuntimeConfig,
+    SessionStatus,
+)
 from authsession.domain.ports import (
     AttemptResult,
     ChallengeStore,
@@ -28,7 +34,9 @@ from authsession.domain.ports import (
     LoginCodeMessage,
     MailSender,
     ResendThrottle,
+    Scope,
     UserDirectory,
+    UserResolution,
 )
 from authsession.domain.sessions import ClientInfo, SessionService
 
@@ -136,10 +144,40 @@ class LoginService:
         self, base: Challenge, email: str, locale: str | None, signup_enabled: bool
     ) -> ChallengeIssued:
         user = await self._users.resolve_by_email(email)
+        user_id = user.user_id if user.outcome in ("existing", "blocked") else None
+        if user_id is None:
+            return await self._deliver_to(base, email, locale, user, signup_enabled)
+        # The cooldown is the account's too: another spelling of the same user (plus-tags,
+        # dots) is throttled as well (CONTRACT §12/§5).
+        cooldown = self._fixed.resend_cooldown
+        if not await self._throttle.acquire(user_id, base.challenge_id, cooldown, "user"):
+            return await self._record(replace(base, user_id=user_id))
+        try:
+            return await self._deliver_to(base, email, locale, user, signup_enabled)
+        except ServiceUnavailable:
+            await self._release_cooldown(user_id, base.challenge_id, "user")
+            raise
+
+    async def _deliver_to(
+        self,
+        base: Challenge,
+        email: str,
+        locale: str | None,
+        user: UserResolution,
+        signup_enabled: bool,
+    ) -> ChallengeIssued:
         if user.outcome == "blocked" or (user.outcome == "unknown" and not signup_enabled):
-            return await self._record(
-                replace(base, status=ChallengeStatus.DELIVERY_SUPPRESSED, user_id=user.user_id)
+            # The same Redis writes as a delivery (record, then the outcome), so that the
+            # work done does not tell a deliverable address from a suppressed one.
+            suppressed = replace(
+                base, status=ChallengeStatus.PENDING_DELIVERY, user_id=user.user_id
             )
+            await self._challenges.create(suppressed, self._fixed.challenge_retention)
+            await self._challenges.set_delivery_status(
+                base.challenge_id, ChallengeStatus.DELIVERY_SUPPRESSED
+            )
+            self._metrics.challenge(ChallengeStatus.DELIVERY_SUPPRESSED.value)
+            return ChallengeIssued(base.challenge_id, base.expires_at)
         code = codes.generate_code()
         salt = codes.new_salt()
         pending = replace(
@@ -183,16 +221,16 @@ class LoginService:
         self._metrics.challenge(challenge.status.value)
         return ChallengeIssued(challenge.challenge_id, challenge.expires_at)
 
-    async def _release_slot(self, hashed: str, slot: str) -> None:
+    async def _release_slot(self, subject: str, slot: str, scope: Scope = "email") -> None:
         try:
-            await self._failures.release(hashed, slot)
+            await self._failures.release(subject, slot, scope)
         except ServiceUnavailable as exc:
             # The slot then counts as a failure until it leaves the window.
             log.warning("could not release a failure-budget slot", extra={"cause": exc.cause})
 
-    async def _release_cooldown(self, hashed: str, owner: str) -> None:
+    async def _release_cooldown(self, subject: str, owner: str, scope: Scope = "email") -> None:
         try:
-            await self._throttle.release(hashed, owner)
+            await self._throttle.release(subject, owner, scope)
         except ServiceUnavailable as exc:
             # The window then simply runs out by itself.
             log.warning("could not release the resend cooldown", extra={"cause": exc.cause})
@@ -225,22 +263,19 @@ class LoginService:
         # Rule 2. The e-mail's hourly budget: a slot is reserved before the code is
         # evaluated, so concurrent wrong codes cannot overshoot it; it is kept only if
         # the code is wrong. The challenge's own budget is checked by the attempt script.
-        hashed = challenge.email_hash
-        slot = await self._failures.reserve(
-            hashed, now, self._fixed.failure_window, config.max_failed_confirms_per_email
-        )
-        if slot is None:
-            raise TooManyAttempts()
+        # The user's budget too, where the user is known: wrong codes sent through several
+        # spellings of one account share it (CONTRACT §12/§5).
+        slots = await self._reserve_failure_slots(challenge, now, config)
         candidate = codes.code_hmac(challenge.code_salt, code) if challenge.code_salt else ""
         try:
             outcome = await self._challenges.attempt(
                 challenge_id, candidate, now, config.max_confirm_attempts
             )
         except ServiceUnavailable:
-            await self._release_slot(hashed, slot)
+            await self._release_slots(slots)
             raise
         if outcome.result is not AttemptResult.WRONG:
-            await self._release_slot(hashed, slot)
+            await self._release_slots(slots)
         match outcome.result:
             case AttemptResult.NOT_FOUND:
                 raise ChallengeNotFound()
@@ -249,7 +284,7 @@ class LoginService:
             case AttemptResult.EXHAUSTED:
                 raise TooManyAttempts()
             case AttemptResult.WRONG:
-                # Rule 4: counted against the challenge and the e-mail (the kept slot).
+                # Rule 4: counted against the challenge, the e-mail and the user (kept slots).
                 raise InvalidCode(outcome.attempts_remaining)
             case AttemptResult.MATCH_CONFIRMED:
                 assert outcome.challenge is not None
@@ -257,6 +292,28 @@ class LoginService:
             case AttemptResult.MATCH_SENT:
                 assert outcome.challenge is not None
                 return await self._first_confirm(outcome.challenge, device_name, client)
+
+    async def _reserve_failure_slots(
+        self, challenge: Challenge, now: datetime, config: RuntimeConfig
+    ) -> list[tuple[str, str, Scope]]:
+        """One slot of each budget the attempt counts against, or ``TooManyAttempts``."""
+        limit = config.max_failed_confirms_per_email
+        window = self._fixed.failure_window
+        subjects: list[tuple[str, Scope]] = [(challenge.email_hash, "email")]
+        if challenge.user_id is not None:
+            subjects.append((challenge.user_id, "user"))
+        slots: list[tuple[str, str, Scope]] = []
+        for subject, scope in subjects:
+            slot = await self._failures.reserve(subject, now, window, limit, scope)
+            if slot is None:
+                await self._release_slots(slots)
+                raise TooManyAttempts()
+            slots.append((subject, slot, scope))
+        return slots
+
+    async def _release_slots(self, slots: list[tuple[str, str, Scope]]) -> None:
+        for subject, slot, scope in slots:
+            await self._release_slot(subject, slot, scope)
 
     async def _first_confirm(
         self, challenge: Challenge, device_name: str | None, client: ClientInfo

@@ -93,27 +93,36 @@ class ChallengeStore(Component, Protocol):
         ...
 
 
-class ResendThrottle(Component, Protocol):
-    """The fixed resend cooldown per normalized e-mail (``<prefix>throttle:<hash>``)."""
+Scope = Literal["email", "user"]
+"""What a cooldown or a failure budget is kept for: a normalized e-mail (its hash) or a
+resolved user id (CONTRACT §12/§5: two spellings of one account share the user's)."""
 
-    async def acquire(self, email_hash: str, owner: str, cooldown: timedelta) -> bool:
+
+class ResendThrottle(Component, Protocol):
+    """The fixed resend cooldown per normalized e-mail and per user."""
+
+    async def acquire(
+        self, subject: str, owner: str, cooldown: timedelta, scope: Scope = "email"
+    ) -> bool:
         """Start the window if none is open; ``False`` when inside one."""
         ...
 
-    async def release(self, email_hash: str, owner: str) -> None:
+    async def release(self, subject: str, owner: str, scope: Scope = "email") -> None:
         """Close the window, only if ``owner`` opened it."""
         ...
 
 
 class FailureBudget(Component, Protocol):
-    """Wrong codes per normalized e-mail over a rolling hour (``<prefix>failures:<hash>``)."""
+    """Wrong codes per normalized e-mail, and per user, over a rolling hour."""
 
-    async def count(self, email_hash: str, now: datetime, window: timedelta) -> int:
+    async def count(
+        self, subject: str, now: datetime, window: timedelta, scope: Scope = "email"
+    ) -> int:
         """Failures recorded within ``window`` before ``now``."""
         ...
 
     async def reserve(
-        self, email_hash: str, now: datetime, window: timedelta, limit: int
+        self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope = "email"
     ) -> str | None:
         """Atomically take one slot if fewer than ``limit`` are used; its id, or ``None``.
 
@@ -121,7 +130,7 @@ class FailureBudget(Component, Protocol):
         """
         ...
 
-    async def release(self, email_hash: str, member: str) -> None:
+    async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Give back a reserved slot."""
         ...
 

@@ -348,8 +348,15 @@ def generate() -> dict[str, dict[str, Any]]:
     from authsession.settings import ListenAddress, Settings
     from authsession.wiring import build_core
 
-    logging.getLogger("authsession").setLevel(logging.ERROR)
-    core = build_core(Settings(REDIS_ADDR="memory://"))
+    # The stub and memory:// warnings of building a core are noise here; the level is put
+    # back afterwards so that generating (as a test does) leaves logging as it was.
+    logger = logging.getLogger("authsession")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        core = build_core(Settings(REDIS_ADDR="memory://"))
+    finally:
+        logger.setLevel(level)
 
     def default_port(field: str) -> int:
         # The variables' defaults, whatever this environment sets.

@@ -57,6 +57,14 @@ class Keys:
         """``<prefix>failures:<email_hash>``."""
         return f"{self.prefix}failures:{email_hash}"
 
+    def throttle_user(self, user_id: str) -> str:
+        """``<prefix>throttle_user:{<tag>}:<user_id>`` (CONTRACT §12/§5)."""
+        return f"{self.prefix}throttle_user:{{{slot_tag(user_id)}}}:{user_id}"
+
+    def failures_user(self, user_id: str) -> str:
+        """``<prefix>failures_user:{<tag>}:<user_id>`` (CONTRACT §12/§5)."""
+        return f"{self.prefix}failures_user:{{{slot_tag(user_id)}}}:{user_id}"
+
     def session(self, device_session_id: str) -> str:
         """``<prefix>session:{<tag>}:<device_session_id>`` (the tag the id starts with)."""
         return f"{self.prefix}session:{{{tag_of_session(device_session_id)}}}:{device_session_id}"

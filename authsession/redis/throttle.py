@@ -8,6 +8,7 @@ import time
 from datetime import datetime, timedelta
 
 from authsession.domain.errors import ServiceUnavailable
+from authsession.domain.ports import Scope
 from authsession.domain.units import RateLimit, to_epoch_ms
 from authsession.redis.base import Keys, RedisClient, RedisComponent, load_script, redis_call
 
@@ -50,8 +51,15 @@ class RedisResendThrottle(RedisComponent):
         if ended - started <= _OFFSET_SAMPLE_MAX_RTT:
             self._offset_ms = redis_ms - (started + ended) * 500
 
+    def _key(self, subject: str, scope: Scope) -> str:
+        return (
+            self._keys.throttle(subject) if scope == "email" else self._keys.throttle_user(subject)
+        )
+
     @redis_call
-    async def acquire(self, email_hash: str, owner: str, cooldown: timedelta) -> bool:
+    async def acquire(
+        self, subject: str, owner: str, cooldown: timedelta, scope: Scope = "email"
+    ) -> bool:
         """Open the window; ``False`` if one is open (throttled requests never extend it)."""
         ms = max(1, int(cooldown.total_seconds() * 1000))
         started = time.time()
@@ -59,7 +67,7 @@ class RedisResendThrottle(RedisComponent):
         if self._offset_ms is not None and self._timeout_ms is not None:
             deadline = int(started * 1000 + self._offset_ms + self._timeout_ms * _DEADLINE_SHARE)
         result, redis_ms = await self._acquire(
-            keys=[self._keys.throttle(email_hash)], args=[owner, ms, deadline]
+            keys=[self._key(subject, scope)], args=[owner, ms, deadline]
         )
         self._sample(started, float(redis_ms))
         if int(result) < 0:
@@ -68,9 +76,9 @@ class RedisResendThrottle(RedisComponent):
         return int(result) == 1
 
     @redis_call
-    async def release(self, email_hash: str, owner: str) -> None:
+    async def release(self, subject: str, owner: str, scope: Scope = "email") -> None:
         """Close the window if ``owner`` opened it."""
-        await self._release(keys=[self._keys.throttle(email_hash)], args=[owner])
+        await self._release(keys=[self._key(subject, scope)], args=[owner])
 
 
 class RedisFailureBudget(RedisComponent):
@@ -81,28 +89,35 @@ class RedisFailureBudget(RedisComponent):
         self._keys = keys
         self._reserve = load_script(client, "failures_reserve")
 
+    def _key(self, subject: str, scope: Scope) -> str:
+        return (
+            self._keys.failures(subject) if scope == "email" else self._keys.failures_user(subject)
+        )
+
     @redis_call
-    async def count(self, email_hash: str, now: datetime, window: timedelta) -> int:
+    async def count(
+        self, subject: str, now: datetime, window: timedelta, scope: Scope = "email"
+    ) -> int:
         """Failures in ``(now - window, now]``."""
         since = to_epoch_ms(now - window)
-        return int(await self._redis.zcount(self._keys.failures(email_hash), f"({since}", "+inf"))
+        return int(await self._redis.zcount(self._key(subject, scope), f"({since}", "+inf"))
 
     @redis_call
     async def reserve(
-        self, email_hash: str, now: datetime, window: timedelta, limit: int
+        self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope = "email"
     ) -> str | None:
         """Take one slot of the budget (see ``scripts/failures_reserve.lua``)."""
         member = f"{to_epoch_ms(now)}:{secrets.token_hex(6)}"
         reserved = await self._reserve(
-            keys=[self._keys.failures(email_hash)],
+            keys=[self._key(subject, scope)],
             args=[to_epoch_ms(now), int(window.total_seconds() * 1000), limit, member],
         )
         return member if reserved else None
 
     @redis_call
-    async def release(self, email_hash: str, member: str) -> None:
+    async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Give back a slot whose confirm turned out not to be a wrong code."""
-        await self._redis.zrem(self._keys.failures(email_hash), member)
+        await self._redis.zrem(self._key(subject, scope), member)
 
 
 class RedisRateLimiter(RedisComponent):

@@ -1205,3 +1205,114 @@ def test_unicode_local_part_is_sent_nfc_and_lower_case(rest: RestEnv) -> None:
     output = rest.proc.stdout_text()
     assert token not in output.lower()
     assert "j***@example.com" in output
+
+
+# --------------------------------------------------------------------------- aliases
+def test_spellings_of_one_account_share_its_resend_cooldown(rest: RestEnv) -> None:
+    # The user service resolves plus-tags and dots to one account (CONTRACT §12/§5).
+    base = new_email("alias")
+    local, _, domain = base.partition("@")
+    spellings = [base, f"{local}+a@{domain}", f"{local}+b@{domain}", f"x.{local}@{domain}"]
+    user_id = rest.users.add_user(spellings[0])
+    for spelling in spellings[1:]:
+        rest.users.add_user(spelling, user_id)
+
+    issued = [rest.send_ok(spelling) for spelling in spellings]
+
+    assert [rest.challenge_status(c) for c in issued] == ["sent"] + ["delivery_throttled"] * 3
+    assert len(rest.mail.requests_to(LOGIN_CODE)) == 1  # one mail to the one inbox
+    assert len(rest.users.requests_to(RESOLVE)) == 4
+
+
+@pytest.fixture
+def alias_process(
+    redis_server: RedisServer,
+    users_fake: FakeUserService,
+    mail_fake: FakeMailService,
+    redis_reader: redis.Redis,
+    tmp_path: Path,
+) -> Iterator[RestEnv]:
+    env = rest_env(
+        redis_server,
+        users_fake.base_url,
+        mail_fake.base_url,
+        AUTHSESSION_RESEND_COOLDOWN="1ms",
+        AUTHSESSION_MAX_FAILED_CONFIRMS_PER_EMAIL="4",
+    )
+    proc = start_process(env, tmp_path / "authsession-alias")
+    try:
+        yield from _env_fixture(proc, users_fake, mail_fake, redis_reader)
+    finally:
+        proc.close()
+
+
+def test_spellings_of_one_account_share_its_hourly_failure_budget(alias_process: RestEnv) -> None:
+    rest = alias_process
+    base = new_email("budget")
+    local, _, domain = base.partition("@")
+    first, second = base, f"{local}+other@{domain}"
+    user_id = rest.users.add_user(first)
+    rest.users.add_user(second, user_id)
+
+    challenge = rest.send_ok(first)
+    wrong = "000000" if rest.code_for(challenge) != "000000" else "111111"
+    answers = [rest.confirm(challenge, wrong).status_code for _ in range(4)]
+    assert answers == [400, 400, 400, 400]  # the budget (4) is used up through `first`
+
+    # Another spelling has an e-mail budget of its own, but not another account budget.
+    other = rest.send_ok(second)
+    assert_error(rest.confirm(other, wrong), 429, "too_many_attempts")
+    assert_error(rest.confirm(other, rest.code_for(other)), 429, "too_many_attempts")
+
+
+# --------------------------------------------------------------------------- user status
+USER_PATH = "/api/v1/users/{}"
+
+
+def test_a_block_made_in_the_user_service_stops_a_confirm_at_once(rest: RestEnv) -> None:
+    email = new_email("blockedlater")
+    user_id = rest.users.add_user(email)
+    challenge = rest.send_ok(email)
+    rest.users.block_user(user_id)  # directly in the user service, not through authsession
+
+    assert_error(rest.confirm(challenge, rest.code_for(challenge)), 403, "user_blocked")
+    [lookup] = rest.users.requests_to(USER_PATH.format(user_id), method="GET")
+    assert_outbound_headers_get(lookup)
+    assert rest.challenge_status(challenge) == "sent"  # not confirmed, no session
+
+
+def test_a_user_gone_from_the_user_service_cannot_confirm(rest: RestEnv) -> None:
+    email = new_email("deleted")
+    rest.users.add_user(email)
+    challenge = rest.send_ok(email)
+    del rest.users.users[email]  # the user service no longer knows the user: 404
+    assert_error(rest.confirm(challenge, rest.code_for(challenge)), 403, "user_blocked")
+
+
+def test_the_user_lookup_is_retried_once_on_503(rest: RestEnv) -> None:
+    email = new_email("lookup")
+    user_id = rest.users.add_user(email)
+    challenge = rest.send_ok(email)
+    rest.users.fail_with(503, times=1)
+    response = rest.confirm(challenge, rest.code_for(challenge))
+    assert response.status_code == 200, response.text
+    assert len(rest.users.requests_to(USER_PATH.format(user_id), method="GET")) == 2
+
+
+def test_the_user_lookup_is_not_retried_on_500(rest: RestEnv) -> None:
+    email = new_email("lookup500")
+    user_id = rest.users.add_user(email)
+    challenge = rest.send_ok(email)
+    rest.users.fail_with(500)
+    assert_error(rest.confirm(challenge, rest.code_for(challenge)), 503, "service_unavailable")
+    assert len(rest.users.requests_to(USER_PATH.format(user_id), method="GET")) == 1
+    rest.heal(rest.users)
+    # Nothing was confirmed: the same code works once the user service answers.
+    assert rest.confirm(challenge, rest.code_for(challenge)).status_code == 200
+
+
+def assert_outbound_headers_get(request: RecordedRequest) -> None:
+    """A GET carries the traceparent; it has no body."""
+    traceparent = request.header("traceparent") or ""
+    assert TRACEPARENT.match(traceparent), request.headers
+    assert request.body is None

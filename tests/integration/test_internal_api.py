@@ -53,7 +53,7 @@ class Login:
 
 async def send_code(app: AppEnv, email: str = "jane@example.com") -> tuple[str, str]:
     """send-email-code after clearing the resend cooldown; the challenge id and its code."""
-    for key in app.redis.scan_iter("authsession:throttle:*"):
+    for key in app.redis.scan_iter("authsession:throttle*"):
         app.redis.delete(key)
     challenge_id, code = await app.send_code(email)
     assert code is not None

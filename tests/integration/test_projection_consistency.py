@@ -55,7 +55,7 @@ def acl_user(redis_client: redis.Redis) -> Iterator[AclUser]:
 
 
 async def login(app: AppEnv, email: str = EMAIL) -> dict[str, Any]:
-    for key in app.redis.scan_iter("authsession:throttle:*"):
+    for key in app.redis.scan_iter("authsession:throttle*"):
         app.redis.delete(key)
     body = await app.login(email)
     app.clock.advance(timedelta(milliseconds=10))
@@ -153,7 +153,7 @@ async def test_a_confirm_replay_appends_an_event_only_when_the_projection_lags(
     make_app: AppFactory, acl_user: AclUser
 ) -> None:
     app = await make_app(redis_user=acl_user.credentials)
-    for key in app.redis.scan_iter("authsession:throttle:*"):
+    for key in app.redis.scan_iter("authsession:throttle*"):
         app.redis.delete(key)
     challenge_id, code = await app.send_code(EMAIL)
     assert code is not None
@@ -293,7 +293,7 @@ async def test_concurrent_confirms_leave_exactly_the_newest_sessions_active(
     for _round in range(4):
         challenges = []
         for _ in range(20):
-            for key in app.redis.scan_iter("authsession:throttle:*"):
+            for key in app.redis.scan_iter("authsession:throttle*"):
                 app.redis.delete(key)
             challenge_id, code = await app.send_code(EMAIL)
             assert code is not None

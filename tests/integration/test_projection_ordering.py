@@ -18,7 +18,7 @@ from tests.integration.conftest import AppEnv
 
 async def login(app: AppEnv, email: str = "jane@example.com") -> tuple[str, str, str]:
     """A full login; the device session id, the challenge id and the code."""
-    for key in app.redis.scan_iter("authsession:throttle:*"):
+    for key in app.redis.scan_iter("authsession:throttle*"):
         app.redis.delete(key)
     challenge_id, code = await app.send_code(email)
     assert code is not None
@@ -244,7 +244,7 @@ async def test_broken_stream_extend_is_503_and_record_is_extended(app: AppEnv) -
 async def test_broken_stream_confirm_is_503_then_identical_retry_completes(
     app: AppEnv,
 ) -> None:
-    for key in app.redis.scan_iter("authsession:throttle:*"):
+    for key in app.redis.scan_iter("authsession:throttle*"):
         app.redis.delete(key)
     challenge_id, code = await app.send_code()
     assert code is not None

@@ -21,7 +21,7 @@ from tests.integration.conftest import AppEnv, AppFactory
 
 async def login(app: AppEnv, email: str = "jane@example.com") -> dict[str, Any]:
     """A full login; the confirm body plus ``challenge_id`` and ``code`` for replays."""
-    for key in app.redis.scan_iter("authsession:throttle:*"):
+    for key in app.redis.scan_iter("authsession:throttle*"):
         app.redis.delete(key)
     challenge_id, code = await app.send_code(email)
     assert code is not None

@@ -585,3 +585,57 @@ async def test_create_client_keeps_the_base_path() -> None:
 def test_create_client_rejects_a_non_positive_timeout(timeout: timedelta) -> None:
     with pytest.raises(ValueError, match="positive"):
         create_client(BASE, timeout)
+
+
+# --------------------------------------------------------------------------- user status
+USER = "/api/v1/users/usr-1"
+
+
+@pytest.mark.parametrize("status", ["active", "blocked"])
+async def test_user_status_maps_the_answer(
+    router: respx.MockRouter, users: RestUserDirectory, status: str
+) -> None:
+    route = router.get(USER).mock(
+        return_value=httpx.Response(200, json={"user_id": "usr-1", "status": status})
+    )
+    assert await users.user_status("usr-1") == status
+    assert route.calls.last.request.method == "GET"
+    assert TRACEPARENT.match(route.calls.last.request.headers["traceparent"])
+
+
+async def test_user_status_of_a_gone_user_is_none(
+    router: respx.MockRouter, users: RestUserDirectory
+) -> None:
+    router.get(USER).mock(return_value=httpx.Response(404))
+    assert await users.user_status("usr-1") is None
+
+
+@pytest.mark.parametrize("first", RETRYABLE, ids=RETRYABLE_IDS)
+async def test_user_status_is_retried_once(
+    router: respx.MockRouter, users: RestUserDirectory, first: Answer
+) -> None:
+    ok = httpx.Response(200, json={"user_id": "usr-1", "status": "active"})
+    route = router.get(USER).mock(side_effect=[first, ok])
+    assert await users.user_status("usr-1") == "active"
+    assert route.call_count == 2
+
+
+@pytest.mark.parametrize("status", [400, 500, 501])
+async def test_user_status_is_not_retried_on_other_statuses(
+    router: respx.MockRouter, users: RestUserDirectory, status: int
+) -> None:
+    route = router.get(USER).mock(return_value=httpx.Response(status))
+    with pytest.raises(ServiceUnavailable):
+        await users.user_status("usr-1")
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    "body", [{"user_id": "usr-1", "status": "gone"}, {"status": "active"}, ["active"]]
+)
+async def test_user_status_rejects_a_body_off_the_contract(
+    router: respx.MockRouter, users: RestUserDirectory, body: object
+) -> None:
+    router.get(USER).mock(return_value=httpx.Response(200, json=body))
+    with pytest.raises(ServiceUnavailable):
+        await users.user_status("usr-1")

@@ -200,7 +200,7 @@ def clear_cooldowns(redis_server: RedisServer, prefix: str) -> None:
     """Drop the resend cooldowns of one process, so an address can get another code."""
     client = redis_server.client()
     try:
-        for key in client.scan_iter(f"{prefix}throttle:*"):
+        for key in client.scan_iter(f"{prefix}throttle*"):
             client.delete(key)
     finally:
         client.close()

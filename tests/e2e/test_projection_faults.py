@@ -136,13 +136,13 @@ class ShippedRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = (self.dir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [find_redis_server(), str(self.dir / "redis.conf")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.dir,
-        )
+        with (self.dir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [find_redis_server(), str(self.dir / "redis.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -32,7 +32,7 @@ import httpx
 import pytest
 import redis
 
-from tests.contract import CONFIRM, SEND
+from tests.contract import CONFIRM, SEND, slot_tag
 from tests.support.fake_services import FakeMailService, FakeUserService, RecordedRequest
 from tests.support.net import LOOPBACK, free_port, free_ports, port_accepts
 from tests.support.process import AuthsessionProcess, port_of
@@ -183,6 +183,10 @@ class RestEnv:
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
+
+    def clear_account_cooldown(self, user_id: str) -> None:
+        """End the account's resend cooldown (logins of one account by several addresses)."""
+        self.redis.delete(f"{self.prefix}throttle_user:{{{slot_tag(user_id)}}}:{user_id}")
 
     def session(self, device_session_id: str) -> dict[str, Any]:
         response = self.internal.get(f"/api/v1/internal/sessions/{device_session_id}")
@@ -560,6 +564,7 @@ def test_block_flow_revokes_all_sessions(rest: RestEnv) -> None:
     first = rest.login(email)
     other = new_email()
     rest.users.users[other] = user_id  # a second address of the same user
+    rest.clear_account_cooldown(user_id)
     second = rest.login(other)
     rest.users.clear_requests()
 
@@ -596,6 +601,7 @@ def test_block_flow_revokes_all_sessions(rest: RestEnv) -> None:
     # The user service now says blocked: the next login is suppressed.
     third = new_email()
     rest.users.users[third] = user_id
+    rest.clear_account_cooldown(user_id)
     mails_before = len(rest.mail.messages)
     challenge_id = rest.send_ok(third)
     assert rest.challenge_status(challenge_id) == "delivery_suppressed"
@@ -647,8 +653,10 @@ def test_block_when_the_user_service_fails_is_503_and_revokes_nothing(rest: Rest
 
 
 def new_email_for(rest: RestEnv, user_id: str) -> str:
+    """Another address of the user, and the account's cooldown ended for it."""
     email = new_email()
     rest.users.users[email] = user_id
+    rest.clear_account_cooldown(user_id)
     return email
 
 

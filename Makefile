@@ -53,6 +53,8 @@ lock:
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/timing.py
+	$(BIN)/python bench/projection.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -179,6 +179,8 @@ class Settings(BaseSettings):
     CONFIG_REFRESH_INTERVAL: Duration = timedelta(seconds=10)
     # 0 turns the periodic reconciliation off.
     PROJECTION_RECONCILE_INTERVAL: OptionalDuration = timedelta(minutes=1)
+    # send-email-code answers no sooner than this, whatever the outcome; 0 = off.
+    SEND_EMAIL_CODE_MIN_DURATION: OptionalDuration = timedelta(milliseconds=250)
 
     INTERNAL_API_TOKEN: SecretStr | None = None
     PUBLIC_CORS_ALLOWED_ORIGINS: CsvOrigins = ()

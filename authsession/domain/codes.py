@@ -78,6 +78,14 @@ def new_session_token(device_session_id: str) -> str:
     return f"{device_session_id}.{secrets.token_urlsafe(32)}"
 
 
+def split_session_token(token: str) -> tuple[str, str] | None:
+    """``(device_session_id, secret)`` of ``<id>.<secret>``, or ``None`` if malformed."""
+    device_session_id, dot, secret = token.rpartition(".")
+    if not dot or not secret or len(token) > 256 or not is_valid_id(device_session_id):
+        return None
+    return device_session_id, secret
+
+
 def token_sha256(token: str) -> str:
     """Hex SHA-256 of a whole session token: what the projection and session record keep."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()

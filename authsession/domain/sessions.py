@@ -6,18 +6,20 @@ atomically) and is then published to the gateway projection.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, Protocol
 
-from authsession.domain.codes import token_sha256
+from authsession.domain.codes import split_session_token, token_sha256
 from authsession.domain.errors import (
     InvalidRequest,
     ServiceUnavailable,
     SessionNotFound,
     SessionRevoked,
+    Unauthorized,
     UserBlocked,
 )
 from authsession.domain.model import FixedConfig, Session
@@ -40,6 +42,10 @@ DEFAULT_REVOKE_REASON = "revoked_by_backend"
 USER_BLOCKED_REASON = "user_blocked"
 SESSION_LIMIT_REASON = "session_limit"
 SOURCE_LOST_REASON = "source_lost"
+LOGOUT_REASON = "logout"
+# Compared with when a token names no session, so that an unknown session and a wrong
+# secret take the same work (a SHA-256 no token can have).
+_NO_TOKEN_HASH = "0" * 64
 REASON_PATTERN = r"^[a-z0-9_.-]{1,64}$"
 _REASON_RE = re.compile(REASON_PATTERN)
 
@@ -201,6 +207,22 @@ class SessionService:
         if session is None:
             raise SessionNotFound()
         return session
+
+    async def logout(self, token: str | None) -> Session:
+        """Revoke the session a bearer token belongs to (reason ``logout``, idempotent).
+
+        ``Unauthorized`` for a missing or malformed token, an unknown session and a wrong
+        secret alike; the token's hash is compared in constant time.
+        """
+        parts = split_session_token(token) if token else None
+        session = await self._store.get(parts[0]) if parts is not None else None
+        expected = session.token_sha256 if session is not None else _NO_TOKEN_HASH
+        presented = token_sha256(token) if token else _NO_TOKEN_HASH[::-1]
+        matches = hmac.compare_digest(presented.encode(), expected.encode())
+        if session is None or not matches:
+            raise Unauthorized("the session token is not valid")
+        revoked, _ = await self._revoke_and_publish(session.device_session_id, LOGOUT_REASON)
+        return revoked
 
     async def revoke(self, device_session_id: str, reason: str | None = None) -> Session:
         """Revoke one session (idempotent: a repeat keeps ``revoked_at``, republishes)."""

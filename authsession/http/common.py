@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from authsession import __version__
+from authsession.domain.errors import InvalidRequest
 from authsession.http.errors import install_error_handlers
 from authsession.http.schemas import ErrorResponse
 
@@ -90,3 +91,25 @@ def new_app(title: str, description: str) -> FastAPI:
     )
     install_error_handlers(app)
     return app
+
+
+async def object_or_no_body(request: Request) -> None:
+    """Bodies of these operations are optional, but when present must be JSON objects.
+
+    FastAPI reads an optional body of ``null`` as "no body"; a ``null`` (or an array, a
+    number…) is a malformed request, never a request to act with the defaults.
+    """
+    start = (await request.body()).lstrip()[:1]
+    if start not in (b"", b"{"):
+        raise InvalidRequest("the body must be a JSON object", {"field": "body"})
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The credentials of an ``Authorization: Bearer <token>`` value (the scheme in any
+    case, RFC 9110 §11.1), or ``None``."""
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
-from authsession.domain.errors import InvalidRequest
-from authsession.http.common import errors, new_app
+from authsession.http.common import errors, new_app, object_or_no_body
 from authsession.http.middleware import BearerTokenMiddleware, RequestContextMiddleware
 from authsession.http.schemas import (
     BlockRequest,
@@ -24,17 +23,6 @@ from authsession.wiring import Core
 UserIdPath = Annotated[str, Path(pattern=USER_ID_PATTERN)]
 SessionIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 UNAUTHORIZED = (401, "unauthorized")
-
-
-async def object_or_no_body(request: Request) -> None:
-    """Bodies of these operations are optional, but when present must be JSON objects.
-
-    FastAPI reads an optional body of ``null`` as "no body"; a ``null`` (or an array, a
-    number…) is a malformed request, never a request to act with the defaults.
-    """
-    start = (await request.body()).lstrip()[:1]
-    if start not in (b"", b"{"):
-        raise InvalidRequest("the body must be a JSON object", {"field": "body"})
 
 
 OPTIONAL_BODY = [Depends(object_or_no_body)]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Request
 
 from authsession.domain.sessions import ClientInfo
 from authsession.domain.units import format_time
-from authsession.http.common import errors, new_app
+from authsession.http.common import bearer_token, errors, new_app, object_or_no_body
 from authsession.http.middleware import (
     ContractCORSMiddleware,
     RateLimitMiddleware,
@@ -17,6 +21,8 @@ from authsession.http.schemas import (
     ChallengeResponse,
     ConfirmRequest,
     ConfirmResponse,
+    LogoutRequest,
+    LogoutResponse,
     SendEmailCodeRequest,
 )
 from authsession.wiring import Core
@@ -28,6 +34,7 @@ def create_public_app(core: Core) -> FastAPI:
     """The frontends' API."""
     app = new_app("authsession public API", "Passwordless e-mail login for frontends.")
     trusted = core.settings.TRUSTED_PROXIES
+    floor = core.settings.SEND_EMAIL_CODE_MIN_DURATION.total_seconds()
 
     @app.post(
         "/api/v1/public/auth/send-email-code",
@@ -36,7 +43,17 @@ def create_public_app(core: Core) -> FastAPI:
         summary="Mail a 6-digit login code",
     )
     async def send_email_code(body: SendEmailCodeRequest) -> ChallengeResponse:
-        issued = await core.login.send_email_code(body.email, body.locale)
+        # The answer comes no sooner than the floor after the request arrived, whatever
+        # the outcome (sent, suppressed, throttled, a failure), so its timing does not
+        # tell a deliverable address from another. asyncio.sleep holds no worker and no
+        # Redis connection (CONTRACT §12/§3).
+        started = time.monotonic()
+        try:
+            issued = await core.login.send_email_code(body.email, body.locale)
+        finally:
+            remaining = floor - (time.monotonic() - started)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
         return ChallengeResponse(
             challenge_id=issued.challenge_id, expires_at=format_time(issued.expires_at)
         )
@@ -68,6 +85,26 @@ def create_public_app(core: Core) -> FastAPI:
             created=result.created,
         )
 
+    @app.post(
+        "/api/v1/public/auth/logout",
+        dependencies=[Depends(object_or_no_body)],
+        response_model=LogoutResponse,
+        responses=errors((401, "unauthorized"), (429, "rate_limited")),
+        summary="End the device session of the bearer session token",
+    )
+    async def logout(
+        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+        body: LogoutRequest | None = None,
+    ) -> LogoutResponse:
+        """Revoke the caller's own session (reason ``logout``); idempotent.
+
+        Send the session token as ``Authorization: Bearer <session_token>`` and an empty
+        body or ``{}``. A token that matches no session is ``401 unauthorized``, the same
+        answer whether the session is unknown or the secret is wrong.
+        """
+        session = await core.sessions.logout(bearer_token(authorization))
+        return LogoutResponse(device_session_id=session.device_session_id, status="revoked")
+
     # Added innermost first: the request context wraps everything, CORS answers
     # preflights before the rate limit counts anything.
     app.add_middleware(
@@ -82,7 +119,7 @@ def create_public_app(core: Core) -> FastAPI:
             ContractCORSMiddleware,
             allow_origins=list(core.settings.PUBLIC_CORS_ALLOWED_ORIGINS),
             allow_methods=["POST"],
-            allow_headers=["Content-Type", "X-Request-ID"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )

@@ -143,6 +143,23 @@ class BlockRequest(Request):
     )
 
 
+class LogoutRequest(Request):
+    """``POST /api/v1/public/auth/logout``: no fields (an empty body or ``{}``)."""
+
+
+class LogoutResponse(BaseModel):
+    """The session the token belonged to, now revoked."""
+
+    device_session_id: Annotated[
+        str,
+        Field(
+            description="The device session the token belonged to",
+            examples=["AbCdx5k3q7Jm2VhR8sLw0ZtYbN4cE6fGiU1oPa9"],
+        ),
+    ]
+    status: Annotated[Literal["revoked"], Field(description="Always revoked", examples=["revoked"])]
+
+
 class ChallengeResponse(BaseModel):
     """A new challenge; the same answer whether or not a mail was sent."""
 

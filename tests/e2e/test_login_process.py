@@ -155,6 +155,30 @@ def test_full_login_against_the_process(start: Any) -> None:
     assert service.redis.xlen(service.stream) == 1
 
 
+def test_a_frontend_logs_its_session_out(start: Any) -> None:
+    service: Service = start(SEND_EMAIL_CODE_MIN_DURATION="150ms")
+    started = time.monotonic()
+    issued = service.send("logout.e2e@example.com")
+    assert time.monotonic() - started >= 0.15  # the timing floor holds in the process too
+    code = service.code_for(issued["challenge_id"])
+    token = service.confirm(issued["challenge_id"], code).json()["session_token"]
+    dsid = token.rpartition(".")[0]
+
+    wrong = service.public.post(
+        "/api/v1/public/auth/logout", headers={"Authorization": f"Bearer {dsid}.nope"}
+    )
+    assert wrong.status_code == 401
+    out = service.public.post(
+        "/api/v1/public/auth/logout", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert out.status_code == 200, out.text
+    assert out.json() == {"device_session_id": dsid, "status": "revoked"}
+    session = service.internal.get(f"/api/v1/internal/sessions/{dsid}").json()
+    assert (session["status"], session["revoke_reason"]) == ("revoked", "logout")
+    snapshot = json.loads(str(service.redis.get(service.snapshot_prefix + dsid)))
+    assert snapshot["status"] == "revoked"
+
+
 def test_logs_never_carry_the_token_the_address_or_the_code(start: Any) -> None:
     service: Service = start()
     raw_email = "Quentin.Logcheck@Example.com"

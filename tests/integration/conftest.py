@@ -112,6 +112,8 @@ async def make_app(
         **overrides: Any,
     ) -> AppEnv:
         """``redis_user``: ``(username, password)`` the service connects as (ACL tests)."""
+        # No send-email-code timing floor unless a test asks for it (it only slows tests).
+        overrides.setdefault("SEND_EMAIL_CODE_MIN_DURATION", "0")
         settings = Settings(REDIS_ADDR=redis_server.addr, **overrides)  # type: ignore[call-arg]
         clock = clock or ManualClock()
         users = users if users is not None else StubUserDirectory()

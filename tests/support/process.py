@@ -46,6 +46,11 @@ def base_env() -> dict[str, str]:
     return env
 
 
+# Defaults the tests run the process with unless they say otherwise: the send-email-code
+# timing floor (250 ms) would only slow every test down; the tests of the floor set it.
+TEST_DEFAULTS = {"AUTHSESSION_SEND_EMAIL_CODE_MIN_DURATION": "0"}
+
+
 def port_of(addr: str) -> int:
     """The port of a ``host:port`` / ``:port`` / ``[::1]:port`` address."""
     _, sep, port = addr.rpartition(":")
@@ -57,11 +62,12 @@ def port_of(addr: str) -> int:
 class AuthsessionProcess:
     """The ``authsession`` process with a caller-given environment.
 
-    ``env`` is merged over :func:`base_env` (PATH, HOME, PYTHONUNBUFFERED=1, locale); the
-    caller decides every ``AUTHSESSION_*`` variable, including the listener addresses,
-    which must match ``public_port`` / ``internal_port``. stdout and stderr go to files
-    (``stdout.log`` / ``stderr.log``) in ``workdir`` (a new temp dir if not given, removed
-    by :meth:`close`). ``argv`` replaces the console script (for testing the harness).
+    ``env`` is merged over :func:`base_env` (PATH, HOME, PYTHONUNBUFFERED=1, locale) and
+    :data:`TEST_DEFAULTS`; the caller decides every other ``AUTHSESSION_*`` variable,
+    including the listener addresses, which must match ``public_port`` / ``internal_port``.
+    stdout and stderr go to files (``stdout.log`` / ``stderr.log``) in ``workdir`` (a new
+    temp dir if not given, removed by :meth:`close`). ``argv`` replaces the console script
+    (for testing the harness).
     """
 
     def __init__(
@@ -73,7 +79,7 @@ class AuthsessionProcess:
         argv: Sequence[str] | None = None,
         workdir: Path | None = None,
     ) -> None:
-        self.env: dict[str, str] = {**base_env(), **env}
+        self.env: dict[str, str] = {**base_env(), **TEST_DEFAULTS, **env}
         self.public_port = public_port
         self.internal_port = internal_port
         self.argv: list[str] = list(argv) if argv is not None else [str(authsession_script())]

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test check fmt lint typecheck bench openapi clean
+.PHONY: run test check fmt lint typecheck bench soak openapi clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -28,6 +28,10 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy authsession
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+
+## soak: the long-running variants (e.g. a 30 s slowloris at the default timeouts)
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m soak
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -17,8 +17,10 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from authsession.http.internal import create_internal_app
+from authsession.http.protocol import ConnectionLimits, ContractHttpProtocol
 from authsession.http.public import create_public_app
 from authsession.settings import ListenAddress, Settings
 from authsession.telemetry import Telemetry
@@ -127,6 +129,28 @@ async def _run(settings: Settings, signals: _Signals) -> int:
         telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
 
 
+def server_config(listener: str, app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration of one listener: the hardened protocol and its limits."""
+    limits = ConnectionLimits(
+        listener=listener,
+        header_timeout=settings.HTTP_HEADER_TIMEOUT.total_seconds(),
+        max_connections=settings.HTTP_MAX_CONNECTIONS,
+    )
+    return uvicorn.Config(
+        app,
+        http=ContractHttpProtocol.for_listener(limits),
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        # Annotated int, used as a delay: sub-second values work and are kept.
+        timeout_keep_alive=settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds(),  # type: ignore[arg-type]
+        timeout_graceful_shutdown=math.ceil(settings.SHUTDOWN_TIMEOUT.total_seconds()),
+    )
+
+
 async def _serve(core: Core, signals: _Signals) -> int:
     settings = core.settings
     listeners = {
@@ -146,19 +170,9 @@ async def _serve(core: Core, signals: _Signals) -> int:
             )
             return 1
 
-    servers: dict[str, _Server] = {}
-    for name, (app, _) in listeners.items():
-        config = uvicorn.Config(
-            app,
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=math.ceil(settings.SHUTDOWN_TIMEOUT.total_seconds()),
-        )
-        servers[name] = _Server(config)
+    servers = {
+        name: _Server(server_config(name, app, settings)) for name, (app, _) in listeners.items()
+    }
     signals.servers = list(servers.values())
     signals.stage = "serving"
 

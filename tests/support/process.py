@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,8 @@ class AuthsessionProcess:
     which must match ``public_port`` / ``internal_port``. stdout and stderr go to files
     (``stdout.log`` / ``stderr.log``) in ``workdir`` (a new temp dir if not given, removed
     by :meth:`close`). ``argv`` replaces the console script (for testing the harness).
+    ``max_open_files`` lowers the child's ``RLIMIT_NOFILE`` (soft and hard), so a test can
+    show what happens when the process runs out of file descriptors.
     """
 
     def __init__(
@@ -72,8 +75,10 @@ class AuthsessionProcess:
         internal_port: int,
         argv: Sequence[str] | None = None,
         workdir: Path | None = None,
+        max_open_files: int | None = None,
     ) -> None:
         self.env: dict[str, str] = {**base_env(), **env}
+        self.max_open_files = max_open_files
         self.public_port = public_port
         self.internal_port = internal_port
         self.argv: list[str] = list(argv) if argv is not None else [str(authsession_script())]
@@ -127,8 +132,14 @@ class AuthsessionProcess:
                     stderr=err,
                     cwd=self.workdir,
                     start_new_session=True,  # terminal Ctrl-C does not reach it
+                    preexec_fn=self._limit_files if self.max_open_files is not None else None,
                 )
         return self
+
+    def _limit_files(self) -> None:
+        """Runs in the child between fork and exec (only plain system calls here)."""
+        assert self.max_open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> Self:
         """Wait until both ports accept TCP connections.
@@ -257,7 +268,11 @@ class AuthsessionFactory(Protocol):
     """Type of the ``authsession_process`` fixture (see tests/conftest.py)."""
 
     def __call__(
-        self, env: Mapping[str, str], *, argv: Sequence[str] | None = None
+        self,
+        env: Mapping[str, str],
+        *,
+        argv: Sequence[str] | None = None,
+        max_open_files: int | None = None,
     ) -> AuthsessionProcess: ...
 
 

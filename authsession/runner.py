@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import resource
 import signal
 import socket
 from collections.abc import Iterator
@@ -129,12 +130,49 @@ async def _run(settings: Settings, signals: _Signals) -> int:
         telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
 
 
-def server_config(listener: str, app: ASGIApp, settings: Settings) -> uvicorn.Config:
+# Descriptors kept free of client connections: the interpreter, Redis and outbound
+# connections, the listening sockets themselves.
+RESERVED_FILES = 64
+
+
+def connection_limit(configured: int, listeners: int = 2) -> int:
+    """The per-listener connection limit the process's file limit can actually hold.
+
+    Both listeners at their limit, plus :data:`RESERVED_FILES`, must fit under
+    ``RLIMIT_NOFILE``; otherwise a flood on one listener would exhaust the descriptors
+    and starve the other, and Redis. The soft limit is first raised toward the hard one
+    (as Go does at startup); if that is still too low, the limit is lowered, with a
+    warning, so that connections beyond it get the contract's 503 instead.
+    """
+    wanted = configured * listeners + RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return configured
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft >= wanted:
+        return configured
+    fitting = max(1, (soft - RESERVED_FILES) // listeners)
+    log.warning(
+        "AUTHSESSION_HTTP_MAX_CONNECTIONS lowered to fit the file limit",
+        extra={"configured": configured, "effective": fitting, "file_limit": soft},
+    )
+    return fitting
+
+
+def server_config(
+    listener: str, app: ASGIApp, settings: Settings, max_connections: int
+) -> uvicorn.Config:
     """uvicorn's configuration of one listener: the hardened protocol and its limits."""
     limits = ConnectionLimits(
         listener=listener,
         header_timeout=settings.HTTP_HEADER_TIMEOUT.total_seconds(),
-        max_connections=settings.HTTP_MAX_CONNECTIONS,
+        max_connections=max_connections,
     )
     return uvicorn.Config(
         app,
@@ -170,8 +208,10 @@ async def _serve(core: Core, signals: _Signals) -> int:
             )
             return 1
 
+    max_connections = connection_limit(settings.HTTP_MAX_CONNECTIONS, len(listeners))
     servers = {
-        name: _Server(server_config(name, app, settings)) for name, (app, _) in listeners.items()
+        name: _Server(server_config(name, app, settings, max_connections))
+        for name, (app, _) in listeners.items()
     }
     signals.servers = list(servers.values())
     signals.stage = "serving"

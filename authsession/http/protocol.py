@@ -141,6 +141,16 @@ class ContractHttpProtocol(HttpToolsProtocol):
             return
         super().shutdown()
 
+    def pause_writing(self) -> None:
+        """Flow control (a refused connection has none: its one write is small)."""
+        if not self._refused:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        """Flow control (a refused connection has none: its one write is small)."""
+        if not self._refused:
+            super().resume_writing()
+
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
         """A request starts: its deadline runs (already, if the connection just opened)."""

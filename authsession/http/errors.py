@@ -13,7 +13,8 @@ The HTTP layer adds the few errors the domain does not know::
         ├── NotFound           not_found
         ├── MethodNotAllowed   method_not_allowed
         ├── PayloadTooLarge    payload_too_large
-        └── InternalError      internal_error
+        ├── InternalError      internal_error
+        └── Overloaded         service_unavailable (a listener at its connection limit)
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ class InternalError(HttpError):
 
     code = "internal_error"
     default_message = "internal error"
+
+
+class Overloaded(HttpError):
+    """The listener holds its maximum number of connections."""
+
+    code = "service_unavailable"
+    default_message = "the server has too many connections, retry later"
 
 
 # The contract's code → status table (CONTRACT §4 and §12).

@@ -31,7 +31,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from authsession.domain import errors as e
-from authsession.http.errors import HttpError, wire_response
+from authsession.http.errors import Overloaded, wire_response
 
 log = logging.getLogger("authsession.http.server")
 
@@ -41,13 +41,6 @@ MAX_HEAD_BYTES = 64 * 1024
 REFUSAL_LINGER_SECONDS = 1.0
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class Overloaded(HttpError):
-    """The listener holds its maximum number of connections."""
-
-    code = "service_unavailable"
-    default_message = "the server has too many connections, retry later"
 
 
 class _HeadTooLarge(Exception):

@@ -218,6 +218,22 @@ def test_malformed_requests_get_the_json_error_body(port: int, request_bytes: by
     assert response.headers["connection"] == "close"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /x HTTP/1.1\r\nX-Request-ID: caller-1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX-Request-ID: caller-1\r\nHost: x\r\nBad Header\r\n\r\n",
+    ],
+    ids=["content-length", "header-line"],
+)
+def test_a_malformed_request_keeps_the_callers_request_id(
+    service: AuthsessionProcess, request_bytes: bytes
+) -> None:
+    response = parse_response(exchange(service.public_port, request_bytes))
+    assert_json_error(response, 400, "invalid_request")
+    assert response.headers["x-request-id"] == "caller-1"
+
+
 def test_request_head_over_64_kib_is_400(port: int) -> None:
     request = b"GET /x HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
     response = parse_response(exchange(port, request))

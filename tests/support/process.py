@@ -6,7 +6,6 @@ import atexit
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,12 @@ from tests.support.net import LOOPBACK, port_accepts
 
 READY_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
+# Lowers RLIMIT_NOFILE, then becomes the real command (exec: same pid, same signals).
+# A wrapper rather than preexec_fn, which is not safe while the tests run threads.
+_LIMIT_FILES = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 class AuthsessionProcessError(AssertionError):
@@ -120,26 +125,23 @@ class AuthsessionProcess:
             if self._proc is not None:
                 raise AuthsessionProcessError("the process was already started")
             _register(self)
+            argv = self.argv
+            if self.max_open_files is not None:
+                argv = [sys.executable, "-c", _LIMIT_FILES, str(self.max_open_files), *argv]
             with (
                 self.stdout_path.open("wb") as out,
                 self.stderr_path.open("wb") as err,
             ):
                 self._proc = subprocess.Popen(
-                    self.argv,
+                    argv,
                     env=self.env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
                     cwd=self.workdir,
                     start_new_session=True,  # terminal Ctrl-C does not reach it
-                    preexec_fn=self._limit_files if self.max_open_files is not None else None,
                 )
         return self
-
-    def _limit_files(self) -> None:
-        """Runs in the child between fork and exec (only plain system calls here)."""
-        assert self.max_open_files is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> Self:
         """Wait until both ports accept TCP connections.

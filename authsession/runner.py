@@ -21,7 +21,11 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from authsession.http.internal import create_internal_app
-from authsession.http.protocol import ConnectionLimits, ContractHttpProtocol
+from authsession.http.protocol import (
+    ConnectionLimits,
+    ContractHttpProtocol,
+    descriptors_per_listener,
+)
 from authsession.http.public import create_public_app
 from authsession.settings import ListenAddress, Settings
 from authsession.telemetry import Telemetry
@@ -138,13 +142,18 @@ RESERVED_FILES = 64
 def connection_limit(configured: int, listeners: int = 2) -> int:
     """The per-listener connection limit the process's file limit can actually hold.
 
-    Both listeners at their limit, plus :data:`RESERVED_FILES`, must fit under
+    Both listeners full (served connections and the 503s in flight to refused ones,
+    :func:`descriptors_per_listener`), plus :data:`RESERVED_FILES`, must fit under
     ``RLIMIT_NOFILE``; otherwise a flood on one listener would exhaust the descriptors
     and starve the other, and Redis. The soft limit is first raised toward the hard one
     (as Go does at startup); if that is still too low, the limit is lowered, with a
     warning, so that connections beyond it get the contract's 503 instead.
     """
-    wanted = configured * listeners + RESERVED_FILES
+
+    def needed(limit: int) -> int:
+        return descriptors_per_listener(limit) * listeners + RESERVED_FILES
+
+    wanted = needed(configured)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return configured
@@ -157,7 +166,9 @@ def connection_limit(configured: int, listeners: int = 2) -> int:
             pass
     if soft >= wanted:
         return configured
-    fitting = max(1, (soft - RESERVED_FILES) // listeners)
+    fitting = configured
+    while fitting > 1 and needed(fitting) > soft:
+        fitting = max(1, min(fitting - 1, (soft - RESERVED_FILES) // listeners))
     log.warning(
         "AUTHSESSION_HTTP_MAX_CONNECTIONS lowered to fit the file limit",
         extra={"configured": configured, "effective": fitting, "file_limit": soft},

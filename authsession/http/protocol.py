@@ -10,7 +10,10 @@ This subclass adds, per connection:
   request line, the headers and the body they announce must arrive within it, or the
   connection is closed;
 - a **connection limit** (``AUTHSESSION_HTTP_MAX_CONNECTIONS`` per listener): a
-  connection beyond it is answered ``503 service_unavailable`` at once and closed;
+  connection beyond it is answered ``503 service_unavailable`` at once and closed. Those
+  answers hold a descriptor for a moment too, so at most :func:`refusal_slots` of them
+  are in flight; beyond that a new connection is reset at once. A listener therefore
+  never holds more than :func:`descriptors_per_listener` sockets;
 - a **head limit**: a request line and headers over 64 KiB are ``400 invalid_request``;
 - the contract's JSON error body, ``Cache-Control: no-store`` and ``X-Request-ID`` on the
   errors the server itself writes (a malformed request), instead of uvicorn's plain text.
@@ -43,6 +46,16 @@ REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def refusal_slots(max_connections: int) -> int:
+    """How many 503 answers to refused connections may be in flight at once."""
+    return max(1, max_connections // 8)
+
+
+def descriptors_per_listener(max_connections: int) -> int:
+    """The most client sockets one listener holds: served ones plus refusals in flight."""
+    return max_connections + refusal_slots(max_connections)
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback: httptools turns it into a parser error."""
 
@@ -55,7 +68,13 @@ class ConnectionLimits:
     header_timeout: float
     max_connections: int
     refused: int = 0
+    refusing: int = 0
     _last_refusal_log: float = field(default=0.0, repr=False)
+
+    @property
+    def can_answer_refusal(self) -> bool:
+        """Whether one more refused connection may get its 503 (else it is reset)."""
+        return self.refusing < refusal_slots(self.max_connections)
 
     def note_refusal(self) -> None:
         """Count a refused connection; log at most one line per interval."""
@@ -93,6 +112,7 @@ class ContractHttpProtocol(HttpToolsProtocol):
         self._receiving = False
         self._head_bytes = 0
         self._refused = False
+        self._answering_refusal = False
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -107,6 +127,11 @@ class ContractHttpProtocol(HttpToolsProtocol):
         self._refused = True
         self.transport = transport
         self.limits.note_refusal()
+        if not self.limits.can_answer_refusal:
+            transport.abort()  # the descriptor is freed at once
+            return
+        self.limits.refusing += 1
+        self._answering_refusal = True
         transport.write(wire_response(Overloaded(), secrets.token_hex(16)))
         if transport.can_write_eof():
             transport.write_eof()
@@ -116,6 +141,9 @@ class ContractHttpProtocol(HttpToolsProtocol):
         """Drop the deadline with the connection."""
         self._cancel_deadline()
         if self._refused:
+            if self._answering_refusal:
+                self._answering_refusal = False
+                self.limits.refusing -= 1
             return
         super().connection_lost(exc)
 

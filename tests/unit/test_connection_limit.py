@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from authsession import runner
+from authsession.http.protocol import descriptors_per_listener
 from authsession.runner import RESERVED_FILES, connection_limit
 
 
@@ -37,6 +38,7 @@ def limits(monkeypatch: pytest.MonkeyPatch) -> FakeLimits:
 
 def test_a_limit_that_fits_is_kept(limits: FakeLimits) -> None:
     limits.soft, limits.hard = 4096, 4096
+    assert descriptors_per_listener(1000) == 1125
     assert connection_limit(1000) == 1000
     assert limits.soft == 4096
 
@@ -44,7 +46,7 @@ def test_a_limit_that_fits_is_kept(limits: FakeLimits) -> None:
 def test_the_soft_limit_is_raised_toward_the_hard_one(limits: FakeLimits) -> None:
     limits.soft, limits.hard = 1024, 65536
     assert connection_limit(1000) == 1000
-    assert limits.soft == 2 * 1000 + RESERVED_FILES
+    assert limits.soft == 2 * descriptors_per_listener(1000) + RESERVED_FILES
 
 
 def test_too_low_a_hard_limit_lowers_the_connection_limit(
@@ -53,8 +55,9 @@ def test_too_low_a_hard_limit_lowers_the_connection_limit(
     limits.soft, limits.hard = 256, 256
     with caplog.at_level(logging.WARNING, "authsession.runner"):
         effective = connection_limit(1000)
-    assert effective == (256 - RESERVED_FILES) // 2
-    assert 2 * effective + RESERVED_FILES <= 256
+    # The largest limit whose served and refusing sockets, on both listeners, fit.
+    assert 2 * descriptors_per_listener(effective) + RESERVED_FILES <= 256
+    assert 2 * descriptors_per_listener(effective + 1) + RESERVED_FILES > 256
     (record,) = caplog.records
     assert record.getMessage() == "AUTHSESSION_HTTP_MAX_CONNECTIONS lowered to fit the file limit"
     assert (record.configured, record.effective, record.file_limit) == (1000, effective, 256)  # type: ignore[attr-defined]

@@ -30,7 +30,8 @@ from authsession.telemetry import Telemetry, request_id_var
 log = logging.getLogger("authsession.access")
 
 MAX_BODY_BYTES = 16 * 1024
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# What a caller's X-Request-ID must look like to be echoed (the server's errors too).
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -54,7 +55,7 @@ class RequestContextMiddleware:
             return
         incoming = _header(scope, b"x-request-id")
         request_id = (
-            incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(16)
+            incoming if incoming and SANE_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(16)
         )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from authsession.domain import errors as e
 from authsession.http.errors import Overloaded, wire_response
+from authsession.http.middleware import SANE_REQUEST_ID
 
 log = logging.getLogger("authsession.http.server")
 
@@ -43,7 +43,6 @@ MAX_HEAD_BYTES = 64 * 1024
 # that closing it does not reset the connection before the client has read the 503.
 REFUSAL_LINGER_SECONDS = 1.0
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def refusal_slots(max_connections: int) -> int:
@@ -231,7 +230,7 @@ class ContractHttpProtocol(HttpToolsProtocol):
         for name, value in self.headers or ():
             if name == b"x-request-id":
                 text = value.decode("latin-1")
-                if _SANE_REQUEST_ID.fullmatch(text):
+                if SANE_REQUEST_ID.fullmatch(text):
                     return text
         return secrets.token_hex(16)
 

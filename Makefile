@@ -10,7 +10,7 @@ CONSTRAINTS := constraints.txt
 PIP_PINNED := --constraint $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
 UV_VERSION := 0.13.9
 
-.PHONY: run test check fmt lint typecheck bench openapi lock clean
+.PHONY: run test check fmt lint typecheck bench soak openapi lock clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -33,6 +33,10 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy authsession
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+
+## soak: the long-running variants (e.g. a 30 s slowloris at the default timeouts)
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m soak
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -12,13 +12,20 @@ import asyncio
 import contextlib
 import logging
 import math
+import resource
 import signal
 import socket
 from collections.abc import Iterator
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from authsession.http.internal import create_internal_app
+from authsession.http.protocol import (
+    ConnectionLimits,
+    ContractHttpProtocol,
+    descriptors_per_listener,
+)
 from authsession.http.public import create_public_app
 from authsession.resolved import log_resolved_config
 from authsession.settings import ListenAddress, Settings
@@ -158,6 +165,72 @@ async def _run(settings: Settings, signals: _Signals) -> int:
         telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
 
 
+# Descriptors kept free of client connections: the interpreter, Redis and outbound
+# connections, the listening sockets themselves.
+RESERVED_FILES = 64
+
+
+def connection_limit(configured: int, listeners: int = 2) -> int:
+    """The per-listener connection limit the process's file limit can actually hold.
+
+    Both listeners full (served connections and the 503s in flight to refused ones,
+    :func:`descriptors_per_listener`), plus :data:`RESERVED_FILES`, must fit under
+    ``RLIMIT_NOFILE``; otherwise a flood on one listener would exhaust the descriptors
+    and starve the other, and Redis. The soft limit is first raised toward the hard one
+    (as Go does at startup); if that is still too low, the limit is lowered, with a
+    warning, so that connections beyond it get the contract's 503 instead.
+    """
+
+    def needed(limit: int) -> int:
+        return descriptors_per_listener(limit) * listeners + RESERVED_FILES
+
+    wanted = needed(configured)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return configured
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft >= wanted:
+        return configured
+    fitting = configured
+    while fitting > 1 and needed(fitting) > soft:
+        fitting = max(1, min(fitting - 1, (soft - RESERVED_FILES) // listeners))
+    log.warning(
+        "AUTHSESSION_HTTP_MAX_CONNECTIONS lowered to fit the file limit",
+        extra={"configured": configured, "effective": fitting, "file_limit": soft},
+    )
+    return fitting
+
+
+def server_config(
+    listener: str, app: ASGIApp, settings: Settings, max_connections: int
+) -> uvicorn.Config:
+    """uvicorn's configuration of one listener: the hardened protocol and its limits."""
+    limits = ConnectionLimits(
+        listener=listener,
+        header_timeout=settings.HTTP_HEADER_TIMEOUT.total_seconds(),
+        max_connections=max_connections,
+    )
+    return uvicorn.Config(
+        app,
+        http=ContractHttpProtocol.for_listener(limits),
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        # Annotated int, used as a delay: sub-second values work and are kept.
+        timeout_keep_alive=settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds(),  # type: ignore[arg-type]
+        timeout_graceful_shutdown=math.ceil(settings.SHUTDOWN_TIMEOUT.total_seconds()),
+    )
+
+
 async def _serve(core: Core, signals: _Signals) -> int:
     settings = core.settings
     listeners = {
@@ -177,19 +250,11 @@ async def _serve(core: Core, signals: _Signals) -> int:
             )
             return 1
 
-    servers: dict[str, _Server] = {}
-    for name, (app, _) in listeners.items():
-        config = uvicorn.Config(
-            app,
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=math.ceil(settings.SHUTDOWN_TIMEOUT.total_seconds()),
-        )
-        servers[name] = _Server(config)
+    max_connections = connection_limit(settings.HTTP_MAX_CONNECTIONS, len(listeners))
+    servers = {
+        name: _Server(server_config(name, app, settings, max_connections))
+        for name, (app, _) in listeners.items()
+    }
     signals.servers = list(servers.values())
     signals.stage = "serving"
 

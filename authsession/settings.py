@@ -86,6 +86,10 @@ def _address(value: Any) -> Any:
     return parse_listen_address(value) if isinstance(value, str) else value
 
 
+def _split_tokens(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _csv(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -140,6 +144,10 @@ class Settings(BaseSettings):
 
     PUBLIC_HTTP_ADDR: Address = parse_listen_address(":8080")
     INTERNAL_HTTP_ADDR: Address = parse_listen_address(":8081")
+    # Per listener (and per worker): slow or idle clients cannot hold sockets forever.
+    HTTP_KEEPALIVE_TIMEOUT: Duration = timedelta(seconds=5)
+    HTTP_HEADER_TIMEOUT: Duration = timedelta(seconds=10)
+    HTTP_MAX_CONNECTIONS: int = Field(default=1000, ge=1)
 
     REDIS_ADDR: str = "127.0.0.1:6379"
     REDIS_MODE: Literal["standalone", "sentinel", "cluster"] = "standalone"
@@ -182,10 +190,12 @@ class Settings(BaseSettings):
     # send-email-code answers no sooner than this, whatever the outcome; 0 = off.
     SEND_EMAIL_CODE_MIN_DURATION: OptionalDuration = timedelta(milliseconds=250)
 
+    # Comma-separated: any listed token is accepted (rotation); see internal_api_tokens.
     INTERNAL_API_TOKEN: SecretStr | None = None
     PUBLIC_CORS_ALLOWED_ORIGINS: CsvOrigins = ()
     TRUSTED_PROXIES: Networks = ()
     PUBLIC_RATE_LIMIT: OptionalRateLimit = None
+    PUBLIC_RATE_LIMIT_IPV6_PREFIX: int = Field(default=64, ge=1, le=128)
 
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
     LOG_FORMAT: Literal["json", "console"] = "json"
@@ -213,6 +223,18 @@ class Settings(BaseSettings):
                 )
         return text
 
+    @field_validator("INTERNAL_API_TOKEN")
+    @classmethod
+    def _tokens(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never quotes the value: it is a secret.
+        if value is not None and not _split_tokens(value.get_secret_value()):
+            raise ValueError("lists no token (use one token, or several separated by commas)")
+        if value is not None and any(
+            not t.isprintable() or " " in t for t in _split_tokens(value.get_secret_value())
+        ):
+            raise ValueError("a token must not contain spaces or control characters")
+        return value
+
     @field_validator("REDIS_TLS_CA_FILE")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:
@@ -228,6 +250,13 @@ class Settings(BaseSettings):
         if self.SESSION_RETENTION < self.CONFIRM_IDEMPOTENCY_WINDOW:
             raise ValueError(RETENTION_RULE)
         return self
+
+    @property
+    def internal_api_tokens(self) -> tuple[str, ...]:
+        """Every accepted internal API token (empty: the internal listener needs none)."""
+        if self.INTERNAL_API_TOKEN is None:
+            return ()
+        return _split_tokens(self.INTERNAL_API_TOKEN.get_secret_value())
 
     @property
     def memory_store(self) -> bool:

@@ -45,8 +45,9 @@ _CODE_LOGGERS = {"authsession.mail.stub"}
 
 
 # Anything shaped like an address, wherever it appears (a user id of the user service
-# may be an address, an exception message may quote one).
-_ADDRESS = re.compile(r"[^\s@\"'<>(),;:/]+@[^\s@\"'<>(),;:/]+\.[^\s@\"'<>(),;:/]+")
+# may be an address, an exception message may quote one). No dot is required in the
+# domain: user ids such as ``jane.doe@corp`` are addresses too (CONTRACT §12, §11).
+_ADDRESS = re.compile(r"[^\s@\"'<>(),;:/]+@[^\s@\"'<>(),;:/]+")
 
 
 def _mask_addresses(text: str) -> str:
@@ -61,8 +62,19 @@ def _clean(record: logging.LogRecord, key: str, value: Any) -> Any:
         return "[redacted]"
     if lowered == "code" and record.name not in _CODE_LOGGERS:
         return "[redacted]"
+    return _scrub(record, value)
+
+
+def _scrub(record: logging.LogRecord, value: Any) -> Any:
+    """Mask addresses in a value, and in the strings nested in lists, tuples, sets, dicts."""
     if isinstance(value, str):
         return _mask_addresses(value)
+    if isinstance(value, dict):
+        return {_mask_addresses(str(k)): _clean(record, str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(record, item) for item in value]
+    if isinstance(value, bytes | bytearray):
+        return _mask_addresses(bytes(value).decode("utf-8", "replace"))
     return value
 
 
@@ -91,7 +103,8 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = _mask_addresses(
                 "".join(traceback.format_exception(*record.exc_info)).rstrip()
             )
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # Anything json cannot encode is rendered with str(), then masked like the rest.
+        return json.dumps(entry, default=lambda o: _mask_addresses(str(o)), ensure_ascii=False)
 
 
 class ConsoleFormatter(JsonFormatter):

@@ -69,12 +69,18 @@ def authsession_process(tmp_path: Path) -> Iterator[AuthsessionFactory]:
     """Factory: ``authsession_process(env) -> AuthsessionProcess``, already started (call
     ``.wait_ready()`` or ``.wait_exit()``). Sets ``AUTHSESSION_PUBLIC_HTTP_ADDR`` /
     ``AUTHSESSION_INTERNAL_HTTP_ADDR`` to free loopback ports and
-    ``AUTHSESSION_LOG_FORMAT=json`` unless ``env`` gives them. Every process is killed at
+    ``AUTHSESSION_LOG_FORMAT=json`` unless ``env`` gives them; ``max_open_files=N`` starts
+    it with ``RLIMIT_NOFILE`` lowered to N. Every process is killed at
     teardown; its output is printed then (pytest shows it for failed tests)."""
     processes: list[AuthsessionProcess] = []
     counter = itertools.count(1)
 
-    def factory(env: Mapping[str, str], *, argv: Sequence[str] | None = None) -> AuthsessionProcess:
+    def factory(
+        env: Mapping[str, str],
+        *,
+        argv: Sequence[str] | None = None,
+        max_open_files: int | None = None,
+    ) -> AuthsessionProcess:
         full_env = dict(env)
         public, internal = free_ports(2)
         full_env.setdefault(PUBLIC_ADDR_VAR, f"{LOOPBACK}:{public}")
@@ -86,6 +92,7 @@ def authsession_process(tmp_path: Path) -> Iterator[AuthsessionFactory]:
             internal_port=port_of(full_env[INTERNAL_ADDR_VAR]),
             argv=argv,
             workdir=tmp_path / f"authsession-{next(counter)}",
+            max_open_files=max_open_files,
         )
         processes.append(process)
         process.start()

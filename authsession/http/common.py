@@ -85,6 +85,9 @@ def new_app(title: str, description: str) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
         generate_unique_id_function=lambda route: route.name,
+        # No redirects (CONTRACT §12 §4): a trailing slash is 404, never a 307 whose
+        # Location would be built from the caller's Host header.
+        redirect_slashes=False,
         # The request-context middleware makes the server span (with the listener) and
         # the duration histogram; FastAPI's own would duplicate both in another trace.
         telemetry={"tracing": False, "metrics": False, "logs": False},

@@ -110,8 +110,8 @@ def create_internal_app(core: Core) -> FastAPI:
         revoked = await sessions.block_user(user_id, body.reason if body else None)
         return RevokedResponse(user_id=user_id, revoked_session_ids=revoked)
 
-    token = core.settings.INTERNAL_API_TOKEN
-    if token is not None:
-        app.add_middleware(BearerTokenMiddleware, token=token.get_secret_value())
+    tokens = core.settings.internal_api_tokens
+    if tokens:
+        app.add_middleware(BearerTokenMiddleware, tokens=tokens)
     app.add_middleware(RequestContextMiddleware, listener="internal", telemetry=core.telemetry)
     return app

@@ -6,32 +6,32 @@ body limit act on the stream before the app reads it.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-import json
 import logging
 import re
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from authsession.domain.errors import ServiceUnavailable
+from authsession.domain.errors import InvalidRequest, RateLimited, ServiceUnavailable, Unauthorized
 from authsession.domain.ports import Clock, ConfigProvider, RateLimiter
-from authsession.http.errors import error_body
+from authsession.http.errors import InternalError, PayloadTooLarge, error_response, send_error
 from authsession.telemetry import Telemetry, request_id_var
 
 log = logging.getLogger("authsession.access")
 
 MAX_BODY_BYTES = 16 * 1024
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# What a caller's X-Request-ID must look like to be echoed (the server's errors too).
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -39,25 +39,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-async def send_json(
-    send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
-) -> None:
-    """Send a complete JSON response from middleware."""
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
 
 
 class RequestContextMiddleware:
@@ -74,7 +55,7 @@ class RequestContextMiddleware:
             return
         incoming = _header(scope, b"x-request-id")
         request_id = (
-            incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(16)
+            incoming if incoming and SANE_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(16)
         )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
@@ -113,7 +94,7 @@ class RequestContextMiddleware:
         try:
             length = _header(scope, b"content-length")
             if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                await _too_large(send_wrapper)
+                await send_error(scope, receive, send_wrapper, PayloadTooLarge())
                 return
             # The whole body (at most 16 KiB) is read here, so that an oversized chunked
             # body is a 413 whatever the app does with a failing receive().
@@ -127,7 +108,7 @@ class RequestContextMiddleware:
                 chunk = message.get("body", b"")
                 received += len(chunk)
                 if received > MAX_BODY_BYTES:
-                    await _too_large(send_wrapper)
+                    await send_error(scope, receive, send_wrapper, PayloadTooLarge())
                     return
                 chunks.append(chunk)
                 if not message.get("more_body", False):
@@ -150,9 +131,7 @@ class RequestContextMiddleware:
                 log.error("unexpected failure", exc_info=exc)
                 span.record_exception(exc)
                 if not response_started:
-                    await send_json(
-                        send_wrapper, 500, error_body("internal_error", "internal error")
-                    )
+                    await send_error(scope, receive, send_wrapper, InternalError())
         finally:
             elapsed = time.perf_counter() - started
             status = status_holder[0]
@@ -180,10 +159,6 @@ class RequestContextMiddleware:
             span.end()
             otel_context.detach(span_token)
             request_id_var.reset(token)
-
-
-async def _too_large(send: Send) -> None:
-    await send_json(send, 413, error_body("payload_too_large", "the request body exceeds 16 KiB"))
 
 
 def client_ip(
@@ -225,11 +200,35 @@ def _is_trusted(
     return any(ip in network for network in trusted)
 
 
+def rate_limit_bucket(client: str, ipv6_prefix: int) -> str:
+    """The per-IP rate-limit bucket of a client address, as it appears in the Redis key.
+
+    An IPv4 address (or an IPv4-mapped IPv6 one) is its own bucket. An IPv6 client is
+    bucketed by its ``/ipv6_prefix`` network (a /64 is what one subscriber or one host
+    gets, so counting single addresses would let it rotate freely), written in canonical
+    form with ``-`` for ``:`` so that the key ``<prefix>ratelimit:<bucket>:<window>`` stays
+    unambiguous, e.g. ``2001-db8-1-2--/64``. Anything that is not an address is used as is.
+    """
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client.replace(":", "-")
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is None:
+            # int() drops a zone id (fe80::1%eth0): the bucket is the network alone.
+            network = ipaddress.IPv6Network((int(address), ipv6_prefix), strict=False)
+            return network.compressed.replace(":", "-")
+        address = mapped
+    return str(address)
+
+
 class RateLimitMiddleware:
     """Per-client-IP limit of the public listener, counted in Redis (shared by replicas).
 
     The limit comes from the runtime config, so it can change without a restart. If Redis
     cannot count, the request goes through: the endpoints themselves then answer 503.
+    IPv6 clients are counted per network (see :func:`rate_limit_bucket`).
     """
 
     def __init__(
@@ -239,53 +238,66 @@ class RateLimitMiddleware:
         config: ConfigProvider,
         clock: Clock,
         trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        ipv6_prefix: int = 64,
     ) -> None:
         self.app = app
         self.limiter = limiter
         self.config = config
         self.clock = clock
         self.trusted = trusted
+        self.ipv6_prefix = ipv6_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.config.current().public_rate_limit
         if scope["type"] != "http" or limit is None or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
+        bucket = rate_limit_bucket(client_ip(scope, self.trusted), self.ipv6_prefix)
         try:
-            retry_after = await self.limiter.hit(
-                client_ip(scope, self.trusted), limit, self.clock.now()
-            )
+            retry_after = await self.limiter.hit(bucket, limit, self.clock.now())
         except ServiceUnavailable as exc:
             log.warning("rate limiter unavailable, request allowed", extra={"cause": exc.cause})
             retry_after = None
         if retry_after is not None:
-            await send_json(
-                send,
-                429,
-                error_body("rate_limited", "too many requests from this client"),
-                [(b"retry-after", str(retry_after).encode())],
-            )
+            await send_error(scope, receive, send, RateLimited(retry_after))
             return
         await self.app(scope, receive, send)
 
 
-class BearerTokenMiddleware:
-    """``Authorization: Bearer <token>`` on every request, compared in constant time."""
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+
+class BearerTokenMiddleware:
+    """``Authorization: Bearer <token>`` on every request, any of the configured tokens.
+
+    Several tokens are accepted at once so that a token can be rotated without downtime.
+    The presented token is compared with every configured one, always all of them, on
+    SHA-256 digests (equal lengths, ``secrets.compare_digest``): neither the time taken
+    nor an early exit tells which token, or how much of one, matched. The scheme is
+    case-insensitive (RFC 9110 §11.1).
+    """
+
+    def __init__(self, app: ASGIApp, tokens: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("at least one token is required")
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = [_digest(token.encode()) for token in tokens]
+
+    def accepts(self, header: bytes) -> bool:
+        """Whether an ``Authorization`` value carries one of the tokens."""
+        scheme, _, credentials = header.strip(b" \t").partition(b" ")
+        presented = _digest(credentials.strip(b" \t"))
+        matched = False
+        for expected in self.expected:
+            matched |= secrets.compare_digest(presented, expected)
+        return matched and scheme.lower() == b"bearer" and bool(credentials.strip(b" \t"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not secrets.compare_digest(presented, self.expected):
-                await send_json(
-                    send,
-                    401,
-                    error_body("unauthorized", "a valid bearer token is required"),
-                    [(b"www-authenticate", b"Bearer")],
-                )
+            if not self.accepts(presented):
+                await send_error(scope, receive, send, Unauthorized())
                 return
         await self.app(scope, receive, send)
 
@@ -304,4 +316,4 @@ class ContractCORSMiddleware(CORSMiddleware):
             if k.lower() not in ("content-length", "content-type")
         }
         reason = bytes(response.body).decode("utf-8", "replace") or "CORS preflight rejected"
-        return JSONResponse(error_body("invalid_request", reason), status_code=400, headers=headers)
+        return error_response(InvalidRequest(reason), headers)

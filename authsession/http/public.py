@@ -113,6 +113,7 @@ def create_public_app(core: Core) -> FastAPI:
         config=core.config,
         clock=core.clock,
         trusted=trusted,
+        ipv6_prefix=core.settings.PUBLIC_RATE_LIMIT_IPV6_PREFIX,
     )
     if core.settings.PUBLIC_CORS_ALLOWED_ORIGINS:
         app.add_middleware(

@@ -412,7 +412,10 @@ def test_rest_mode_logs_hold_no_secret_even_when_services_fail(
     bob_raw = f"Bob.Rest{tag}@Bücher.example"
     carol_raw = f"carol.rest{tag}@example.net"
     jane, bob, carol = (secrets.add_email(raw) for raw in (jane_raw, bob_raw, carol_raw))
-    jane_id = fake_user_service.add_user(jane)
+    # A user service whose ids are shaped like addresses without a dot in the domain:
+    # "session created" / "session revoked" carry the user id and must mask it (§12, §11).
+    jane_id = fake_user_service.add_user(jane, user_id=f"jane.doe.{tag}@corp")
+    secrets.emails.add(jane_id)
     carol_id = fake_user_service.add_user(carol)
     with (
         httpx.Client(base_url=process.public_url, timeout=10) as public,
@@ -479,8 +482,13 @@ def test_rest_mode_logs_hold_no_secret_even_when_services_fail(
 
     secrets.codes |= mailed_codes(fake_mail_service) | {wrong}
     assert {jane_code, bob_code} <= secrets.codes
-    events = [r["event"] for r in process.log_records()]
+    records = process.log_records()
+    events = [r["event"] for r in records]
     assert events.count(OUTBOUND_FAILED) >= 5, events  # mail 500, timeout, user x3
+    # The address-shaped user id was logged, masked, by both session events.
+    for event in ("session created", "session revoked"):
+        logged = {r.get("user_id") for r in records if r["event"] == event}
+        assert mask_email(jane_id) in logged, (event, logged)
     assert f"{OUTBOUND_FAILED}, retrying" in events
     scan(process, secrets, stub_lines_may_hold_codes=False)
 

@@ -1014,3 +1014,55 @@ async def test_token_unset_needs_no_header(app: AppEnv) -> None:
         headers={"Authorization": "Bearer anything"},
     )
     assert response.status_code == 200
+
+
+# --------------------------------------------------------------------------- token rotation
+ROTATION = "old-token-1, new-token-2"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer old-token-1",
+        "Bearer new-token-2",
+        "bearer new-token-2",
+        "BEARER old-token-1",
+        "BeArEr old-token-1",
+        "Bearer   new-token-2",
+    ],
+    ids=["old", "new", "lower-scheme", "upper-scheme", "mixed-scheme", "extra-spaces"],
+)
+async def test_any_listed_token_is_accepted_with_any_scheme_case(
+    make_app: AppFactory, authorization: str
+) -> None:
+    app = await make_app(INTERNAL_API_TOKEN=ROTATION)
+    response = await app.internal.get(
+        f"{INTERNAL}/users/usr_x/sessions", headers={"Authorization": authorization}
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer old-token-1, new-token-2",
+        "Bearer old-token-1,new-token-2",
+        "Bearer old-token",
+        "Bearer new-token-2x",
+        "Bearer ",
+        "Basic old-token-1",
+        "Bearerold-token-1",
+        "old-token-1",
+    ],
+    ids=["whole-list", "list-no-space", "prefix", "longer", "empty", "basic", "glued", "bare"],
+)
+async def test_with_several_tokens_anything_else_is_401(
+    make_app: AppFactory, authorization: str
+) -> None:
+    app = await make_app(INTERNAL_API_TOKEN=ROTATION)
+    response = await app.internal.get(
+        f"{INTERNAL}/users/usr_x/sessions", headers={"Authorization": authorization}
+    )
+    assert response.status_code == 401
+    assert error_code(response) == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"

@@ -279,3 +279,62 @@ async def test_rate_limit_ignores_forwarded_for_from_an_untrusted_peer(
     ]
 
     assert statuses == [400, 400, 429]  # spoofed addresses do not buy a fresh budget
+
+
+# --------------------------------------------------------------------------- IPv6 buckets
+PROXY = {"client_ip": "10.1.2.3", "TRUSTED_PROXIES": "10.0.0.0/8"}
+
+
+async def test_ipv6_clients_of_one_64_share_one_bucket(make_app: AppFactory) -> None:
+    app = await make_app(PUBLIC_RATE_LIMIT="2/m", **PROXY)
+    rotating = [f"2001:db8:1:2:{i:x}::{i + 1:x}" for i in range(3)]
+
+    statuses = [(await bad_send(app, **{"X-Forwarded-For": ip})).status_code for ip in rotating]
+
+    assert statuses == [400, 400, 429]  # a new address in the same /64 buys nothing
+    other_network = {"X-Forwarded-For": "2001:db8:1:3::1"}
+    assert (await bad_send(app, **other_network)).status_code == 400
+
+
+async def test_ipv6_bucket_is_the_network_address_in_the_redis_key(make_app: AppFactory) -> None:
+    app = await make_app(PUBLIC_RATE_LIMIT="5/m", **PROXY)
+    # Two spellings of one address, and an IPv4-mapped IPv4 client.
+    await bad_send(app, **{"X-Forwarded-For": "2001:0db8:0001:0002:0000:0000:0000:00ff"})
+    await bad_send(app, **{"X-Forwarded-For": "2001:db8:1:2::ff"})
+    await bad_send(app, **{"X-Forwarded-For": "::ffff:198.51.100.9"})
+
+    prefix = app.settings.REDIS_KEY_PREFIX + "ratelimit:"
+    keys = sorted(app.redis.scan_iter(f"{prefix}*"))
+    buckets = sorted(key.removeprefix(prefix).rpartition(":")[0] for key in keys)
+    assert buckets == ["198.51.100.9", "2001-db8-1-2--/64"]
+    counts = {key.removeprefix(prefix).rpartition(":")[0]: app.redis.get(key) for key in keys}
+    assert counts["2001-db8-1-2--/64"] == "2"
+    for key in keys:
+        window = key.rpartition(":")[2]
+        assert window.isdigit(), key
+        assert key.count(":") == prefix.count(":") + 1, key  # no ":" inside the bucket
+
+
+@pytest.mark.parametrize(
+    ("prefix_length", "second", "shared"),
+    [(48, "2001:db8:1:ffff::1", True), (128, "2001:db8:1:2::2", False)],
+    ids=["48-shares-a-site", "128-per-address"],
+)
+async def test_ipv6_prefix_length_is_configurable(
+    make_app: AppFactory, prefix_length: int, second: str, shared: bool
+) -> None:
+    app = await make_app(
+        PUBLIC_RATE_LIMIT="1/m", PUBLIC_RATE_LIMIT_IPV6_PREFIX=prefix_length, **PROXY
+    )
+    assert (await bad_send(app, **{"X-Forwarded-For": "2001:db8:1:2::1"})).status_code == 400
+
+    status = (await bad_send(app, **{"X-Forwarded-For": second})).status_code
+
+    assert status == (429 if shared else 400)
+
+
+async def test_ipv6_peer_without_a_proxy_is_bucketed_by_its_64(make_app: AppFactory) -> None:
+    one = await make_app(PUBLIC_RATE_LIMIT="1/m", client_ip="2001:db8:9:9::1")
+    two = await make_app(PUBLIC_RATE_LIMIT="1/m", client_ip="2001:db8:9:9::2", clock=one.clock)
+    assert (await bad_send(one)).status_code == 400
+    assert_error(await bad_send(two), 429, "rate_limited")

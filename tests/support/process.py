@@ -22,6 +22,12 @@ from tests.support.net import LOOPBACK, port_accepts
 
 READY_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
+# Lowers RLIMIT_NOFILE, then becomes the real command (exec: same pid, same signals).
+# A wrapper rather than preexec_fn, which is not safe while the tests run threads.
+_LIMIT_FILES = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 class AuthsessionProcessError(AssertionError):
@@ -68,6 +74,8 @@ class AuthsessionProcess:
     stdout and stderr go to files (``stdout.log`` / ``stderr.log``) in ``workdir`` (a new
     temp dir if not given, removed by :meth:`close`). ``argv`` replaces the console script
     (for testing the harness).
+    ``max_open_files`` lowers the child's ``RLIMIT_NOFILE`` (soft and hard), so a test can
+    show what happens when the process runs out of file descriptors.
     """
 
     def __init__(
@@ -78,8 +86,10 @@ class AuthsessionProcess:
         internal_port: int,
         argv: Sequence[str] | None = None,
         workdir: Path | None = None,
+        max_open_files: int | None = None,
     ) -> None:
         self.env: dict[str, str] = {**base_env(), **TEST_DEFAULTS, **env}
+        self.max_open_files = max_open_files
         self.public_port = public_port
         self.internal_port = internal_port
         self.argv: list[str] = list(argv) if argv is not None else [str(authsession_script())]
@@ -121,12 +131,15 @@ class AuthsessionProcess:
             if self._proc is not None:
                 raise AuthsessionProcessError("the process was already started")
             _register(self)
+            argv = self.argv
+            if self.max_open_files is not None:
+                argv = [sys.executable, "-c", _LIMIT_FILES, str(self.max_open_files), *argv]
             with (
                 self.stdout_path.open("wb") as out,
                 self.stderr_path.open("wb") as err,
             ):
                 self._proc = subprocess.Popen(
-                    self.argv,
+                    argv,
                     env=self.env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -263,7 +276,11 @@ class AuthsessionFactory(Protocol):
     """Type of the ``authsession_process`` fixture (see tests/conftest.py)."""
 
     def __call__(
-        self, env: Mapping[str, str], *, argv: Sequence[str] | None = None
+        self,
+        env: Mapping[str, str],
+        *,
+        argv: Sequence[str] | None = None,
+        max_open_files: int | None = None,
     ) -> AuthsessionProcess: ...
 
 

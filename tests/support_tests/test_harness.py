@@ -563,3 +563,18 @@ def test_log_records_skips_non_objects(tmp_path: Path) -> None:
         "\n".join(['{"a": 1}', "text", "[1]", "{oops", "", json.dumps({"b": "x"})]) + "\n"
     )
     assert proc.log_records() == [{"a": 1}, {"b": "x"}]
+
+
+def test_max_open_files_lowers_the_childs_file_limit(tmp_path: Path) -> None:
+    script = tmp_path / "limits.py"
+    script.write_text(
+        "import os, resource\nprint(os.getpid(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    proc = AuthsessionProcess(
+        {}, public_port=1, internal_port=2, argv=[sys.executable, str(script)], max_open_files=99
+    )
+    with proc:
+        assert proc.wait_exit(timeout=10) == 0
+        pid, soft, hard = proc.stdout_text().split()
+    assert (soft, hard) == ("99", "99")
+    assert int(pid) == proc.pid  # the wrapper exec'd the command: same process

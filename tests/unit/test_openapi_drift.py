@@ -225,7 +225,10 @@ def test_a_new_operation_is_documented_by_the_same_rules() -> None:
         "made_at": "2026-12-02T08:40:00.000Z",
     }
     missing = operation["responses"]["404"]
-    assert missing["description"] == "- `not_found`: No such route (no such widget)."
+    assert missing["description"] == (
+        "- `not_found`: No route matches the path (a trailing slash included: there are no "
+        "redirects) (no such widget)."
+    )
     assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
     assert "x-error-codes" not in json.dumps(doc)
     assert "422" not in operation["responses"]

@@ -89,6 +89,10 @@ DOCUMENTED_DEFAULTS: dict[str, object] = {
     "PUBLIC_CORS_ALLOWED_ORIGINS": (),
     "TRUSTED_PROXIES": (),
     "PUBLIC_RATE_LIMIT": None,  # "0" = off
+    "PUBLIC_RATE_LIMIT_IPV6_PREFIX": 64,
+    "HTTP_KEEPALIVE_TIMEOUT": timedelta(seconds=5),
+    "HTTP_HEADER_TIMEOUT": timedelta(seconds=10),
+    "HTTP_MAX_CONNECTIONS": 1000,
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
 }
@@ -613,3 +617,30 @@ def test_the_line_does_not_echo_secrets(monkeypatch: pytest.MonkeyPatch) -> None
     )
     line = error.one_line()
     assert "very-secret" not in line
+
+
+@pytest.mark.parametrize(
+    ("raw", "tokens"),
+    [("one", ("one",)), ("old, new", ("old", "new")), (" a ,b,, c ", ("a", "b", "c"))],
+)
+def test_internal_api_token_is_a_comma_separated_list(
+    monkeypatch: pytest.MonkeyPatch, raw: str, tokens: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("AUTHSESSION_INTERNAL_API_TOKEN", raw)
+    assert load_settings().internal_api_tokens == tokens
+
+
+@pytest.mark.parametrize("raw", [",", " , ,", "good, bad token"])
+def test_internal_api_token_without_a_usable_token_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("AUTHSESSION_INTERNAL_API_TOKEN", raw)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "AUTHSESSION_INTERNAL_API_TOKEN" in info.value.problems
+    assert "good" not in info.value.one_line()  # a secret is never quoted
+
+
+def test_unset_internal_api_token_means_no_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTHSESSION_INTERNAL_API_TOKEN", raising=False)
+    assert load_settings().internal_api_tokens == ()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -105,3 +107,35 @@ def test_a_stuck_flush_is_abandoned_after_the_shutdown_budget() -> None:
     elapsed = time.monotonic() - started
     release.set()  # let the abandoned daemon thread finish
     assert elapsed < 2, elapsed
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["jane.doe@corp", "usr:jane.doe@corp", "JANE@localhost", "x@y"],
+    ids=["dotless-domain", "prefixed-id", "localhost", "shortest"],
+)
+def test_address_shaped_values_without_a_dot_in_the_domain_are_masked(value: str) -> None:
+    entry = _format(f"session of {value}", user_id=value)
+    local = value.rpartition("@")[0].rpartition(":")[2]
+    for text in (str(entry["event"]), str(entry["user_id"])):
+        assert f"{local}@" not in text, entry
+        assert "***@" in text, entry
+
+
+def test_addresses_nested_in_lists_dicts_and_objects_are_masked() -> None:
+    class Opaque:
+        def __str__(self) -> str:
+            return "opaque jane.doe@corp"
+
+    entry = _format(
+        "x",
+        user_ids=["jane.doe@corp", ("bob@corp",)],
+        detail={"owner": "carol@corp", "token": "abc"},
+        raw=b"dave@corp",
+        thing=Opaque(),
+    )
+    text = json.dumps(entry)
+    for local in ("jane.doe@", "bob@", "carol@", "dave@"):
+        assert local not in text, entry
+    assert entry["detail"] == {"owner": "c***@corp", "token": "[redacted]"}
+    assert entry["thing"] == "opaque j***@corp"

@@ -27,6 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from authsession.http.internal import create_internal_app
 from authsession.http.public import create_public_app
+from authsession.redis.reconciler import DriftKind
 from authsession.services.mail_stub import StubMailSender
 from authsession.services.users_stub import StubUserDirectory, stub_user_id
 from authsession.settings import Settings, load_settings
@@ -336,3 +337,32 @@ async def test_sentinel_failover_keeps_the_service_working(
             sync.close()
     finally:
         topology.stop()
+
+
+async def test_the_reconciler_and_the_atomic_steps_work_on_every_deployment(
+    running: Running,
+) -> None:
+    # Several users, so that their sessions land on several masters of the cluster.
+    app = running.app
+    sessions = [await app.login(f"user{n}@example.com") for n in range(8)]
+    user_id = stub_user_id("user0@example.com")
+    # The user-slot scripts: revoke-all and the session limit.
+    again = await login_again(app, "user0@example.com")
+    revoked = await app.internal.post(
+        f"/api/v1/internal/users/{user_id}/sessions/revoke",
+        json={"except_session_id": again["device_session_id"]},
+    )
+    assert revoked.json()["revoked_session_ids"] == [sessions[0]["device_session_id"]]
+    # Drift on several nodes: a lost snapshot and a lost record.
+    lost_snapshot, lost_record = sessions[1]["device_session_id"], sessions[2]["device_session_id"]
+    app.redis.delete(SNAPSHOT_PREFIX + lost_snapshot)
+    app.redis.delete(session_key(lost_record, PREFIX))
+
+    report = await app.core.reconciler.run(repair=True)
+
+    assert report.sessions == 8  # every master scanned (one record lost, one extra login)
+    assert report.found[DriftKind.MISSING_SNAPSHOT] == 1
+    assert report.found[DriftKind.ORPHAN] == 1
+    assert snapshot(app, lost_snapshot)["status"] == "active"
+    assert snapshot(app, lost_record)["revoke_reason"] == "source_lost"
+    assert (await app.core.reconciler.run(repair=False)).drift == 0

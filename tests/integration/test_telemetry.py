@@ -14,6 +14,7 @@ REST clients still arrive.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -162,6 +163,7 @@ async def make_traced_app(
         *, users: UserDirectory | None = None, mail: MailSender | None = None, **overrides: Any
     ) -> TracedApp:
         overrides.setdefault("REDIS_KEY_PREFIX", f"telemetry-{uuid.uuid4().hex[:8]}:")
+        overrides.setdefault("SEND_EMAIL_CODE_MIN_DURATION", "0")
         settings = Settings(REDIS_ADDR=redis_server.addr, **overrides)  # type: ignore[call-arg]
         users = users if users is not None else StubUserDirectory()
         mail = mail if mail is not None else StubMailSender()
@@ -594,3 +596,40 @@ async def test_server_duration_is_recorded_once_per_request(
     assert sum(after.values()) == before + 1
     for attributes in after:
         assert "authsession.listener" in dict(attributes), dict(attributes)
+
+
+async def test_the_reconciler_counts_drift_by_kind_and_makes_no_spans_in_the_background(
+    make_traced_app: TracedFactory, recorded: Recorded, redis_server: RedisServer
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    snapshots = f"gw-{tag}:session:"
+    app = await make_traced_app(
+        GATEWAY_SESSION_KEY_PREFIX=snapshots, GATEWAY_SESSION_EVENTS_STREAM=f"gw-{tag}:events"
+    )
+    sid = (await login(app, new_email()))["device_session_id"]
+    client = redis_server.client()
+    try:
+        client.delete(snapshots + sid)
+    finally:
+        client.close()
+    before = recorded.value("authsession.projection.drift", kind="missing_snapshot")
+    recorded.spans.clear()
+
+    # The periodic job: it repairs and counts, and its Redis calls make no spans.
+    from authsession.redis.base import PeriodicTask
+
+    task = PeriodicTask(
+        "test-reconcile",
+        timedelta(seconds=10),
+        functools.partial(app.core.reconciler.run, repair=True),
+        "failed",
+    )
+    task.start()
+    for _ in range(100):
+        if recorded.value("authsession.projection.drift", kind="missing_snapshot") > before:
+            break
+        await asyncio.sleep(0.02)
+    await task.stop()
+
+    assert recorded.value("authsession.projection.drift", kind="missing_snapshot") == before + 1
+    assert redis_spans(recorded.finished()) == []

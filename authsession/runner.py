@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import resource
@@ -27,6 +28,7 @@ from authsession.http.protocol import (
     descriptors_per_listener,
 )
 from authsession.http.public import create_public_app
+from authsession.redis.base import set_client_spans
 from authsession.resolved import log_resolved_config
 from authsession.settings import ListenAddress, Settings
 from authsession.telemetry import Telemetry
@@ -157,12 +159,27 @@ async def _run(settings: Settings, signals: _Signals) -> int:
             )
             return 1
         log_resolved_config(settings)
+        set_client_spans(telemetry.recording)
+        _settle_memory()
         return await _serve(core, signals)
     finally:
         signals.stage = "closing"
         await core.aclose()
         log.info("resources closed")
         telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
+
+
+def _settle_memory() -> None:
+    """Move everything built at startup out of the garbage collector's way.
+
+    What exists now (modules, apps, the core) lives as long as the process: frozen, the
+    collector no longer walks it on every collection; with a higher first threshold it
+    collects less often under load (a request allocates many short-lived objects, almost
+    none of them in cycles).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 # Descriptors kept free of client connections: the interpreter, Redis and outbound

@@ -184,6 +184,8 @@ class Telemetry:
         # nothing, yet still carry valid trace ids: logs keep a trace_id and the user
         # and mail services still receive a traceparent. OTEL_TRACES_SAMPLER overrides.
         sampler = None if exporters or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+        self.recording = sampler is None
+        """Whether spans are recorded at all (something exports them, or a sampler says)."""
         self.tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         for exporter in exporters:
             processor = (

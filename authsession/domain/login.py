@@ -331,8 +331,8 @@ class LoginService:
             # Asked now, not at send time: a block made directly in the user service (or
             # a user deleted there) stops a code mailed before it (CONTRACT §12/§5).
             raise UserBlocked()
-        if await self._sessions.is_user_blocked(user_id):
-            raise UserBlocked()
+        # A block made through this service is seen by the session-creating script itself
+        # (it checks the recent-block marker atomically), so no separate read here.
         config = self._config.current()
         now = self._clock.now()
         device_session_id = codes.new_session_id(user_id)

@@ -151,6 +151,19 @@ def as_strings(raw: Any) -> dict[str, str]:
 # Set while a periodic job runs: its Redis calls make no spans, so that a job running
 # every second on every replica does not fill the trace backend with root traces.
 _untraced: contextvars.ContextVar[bool] = contextvars.ContextVar("untraced", default=False)
+# Whether Redis calls make client spans at all (see set_client_spans).
+_client_spans = True
+
+
+def set_client_spans(enabled: bool) -> None:
+    """Turn the Redis client spans on or off for the process.
+
+    The process turns them off when nothing records spans: a span that is not recorded
+    still costs its context switches on every Redis call, and unlike the request's own
+    span (which carries the trace id into logs and outbound calls) it carries nothing.
+    """
+    global _client_spans
+    _client_spans = enabled
 
 
 def traced(
@@ -161,7 +174,7 @@ def traced(
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if _untraced.get():
+        if not _client_spans or _untraced.get():
             return await fn(*args, **kwargs)
         with _tracer.start_as_current_span(
             span_name, kind=SpanKind.CLIENT, attributes={"db.system.name": "redis"}

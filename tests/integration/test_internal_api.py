@@ -837,19 +837,19 @@ async def test_block_racing_a_confirm_leaves_no_active_session(make_app: AppFact
     app = await make_app(users=users)
     challenge_id, code = await send_code(app)
     user_id = stub_user_id("jane@example.com")
-    service = app.core.sessions
-    original = service.is_user_blocked
+    original = users.user_status
 
-    async def check_then_block_lands(checked_user: str) -> bool:
-        # The confirm reads "not blocked"; the block request lands right after.
+    async def check_then_block_lands(checked_user: str) -> UserStatus | None:
+        # The confirm reads "active"; the block request lands right after, before the
+        # session is written (and the user service forgets it at once).
         answer = await original(checked_user)
         response = await app.internal.post(f"{INTERNAL}/users/{user_id}/block")
         assert response.status_code == 200
         return answer
 
-    service.is_user_blocked = check_then_block_lands  # type: ignore[method-assign,assignment]
+    users.user_status = check_then_block_lands  # type: ignore[method-assign]
     response = await app.confirm(challenge_id, code)
-    service.is_user_blocked = original  # type: ignore[method-assign]
+    users.user_status = original  # type: ignore[method-assign]
 
     assert response.status_code in (200, 403, 409)
     assert await list_ids(app, user_id, "active") == []

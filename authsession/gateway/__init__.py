@@ -16,8 +16,15 @@ Usage::
 """
 
 from authsession.gateway.asgi import PRINCIPAL_STATE_KEY, SessionAuthMiddleware, bearer_token
-from authsession.gateway.follower import EventFollower, parse_stream_id, trimmed_past
+from authsession.gateway.follower import (
+    EventFollower,
+    FollowerOverflow,
+    Watermark,
+    parse_stream_id,
+    trimmed_past,
+)
 from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
+from authsession.gateway.subscription import EndReason, SessionEnd, Subscription
 from authsession.gateway.verifier import (
     Principal,
     Rejection,
@@ -30,16 +37,21 @@ from authsession.gateway.verifier import (
 
 __all__ = [
     "PRINCIPAL_STATE_KEY",
+    "EndReason",
     "EventFollower",
+    "FollowerOverflow",
     "Principal",
     "Rejection",
     "RejectionReason",
     "SessionAuthMiddleware",
+    "SessionEnd",
     "SessionSnapshot",
     "SessionVerifier",
     "SnapshotCache",
     "SnapshotError",
+    "Subscription",
     "TokenVerifier",
+    "Watermark",
     "bearer_token",
     "parse_stream_id",
     "split_token",

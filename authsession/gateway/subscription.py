@@ -84,6 +84,13 @@ class Subscription:
     def __await__(self) -> Generator[Any, None, SessionEnd]:
         return self.wait().__await__()
 
+    def set_callback(self, callback: OnEnd) -> None:
+        """Call ``callback`` when the session ends (at once if it already has)."""
+        self._callback = callback
+        end = self.end
+        if end is not None:
+            self._call(end)
+
     def cancel(self) -> None:
         """Stop watching the session; nothing fires afterwards."""
         if not self._future.done():
@@ -94,17 +101,21 @@ class Subscription:
         if self._future.done():
             return False
         self._future.set_result(end)
-        if self._callback is not None:
-            try:
-                result = self._callback(end)
-            except Exception:
-                log.exception("gateway subscription callback failed")
-                return True
-            if inspect.isawaitable(result):
-                task = asyncio.ensure_future(result)
-                self._tasks.add(task)
-                task.add_done_callback(self._callback_done)
+        self._call(end)
         return True
+
+    def _call(self, end: SessionEnd) -> None:
+        if self._callback is None:
+            return
+        try:
+            result = self._callback(end)
+        except Exception:
+            log.exception("gateway subscription callback failed")
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._callback_done)
 
     def _callback_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

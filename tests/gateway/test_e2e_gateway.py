@@ -102,10 +102,13 @@ async def ws_connect(gateway: GatewayProcess, token: str | None) -> ClientConnec
 
 async def ws_closed(connection: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
     """Read until the gateway closes the socket: its close code and reason."""
+
+    async def drain() -> None:
+        while True:
+            await connection.recv()
+
     with pytest.raises(websockets.ConnectionClosed):
-        async with asyncio.timeout(timeout):
-            while True:
-                await connection.recv()
+        await asyncio.wait_for(drain(), timeout)
     assert connection.close_code is not None
     return connection.close_code, connection.close_reason or ""
 

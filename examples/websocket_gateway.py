@@ -34,12 +34,17 @@ from authsession.gateway import (
     WebSocketSessionGuard,
 )
 
-# Retries with a short backoff: the default one sleeps up to seconds, longer than the
+# A bounded pool: a burst of handshakes waits for one of 64 connections rather than
+# opening hundreds. Retries with a short backoff: the default one sleeps longer than the
 # verifier's timeout, so a connection closed by a Redis restart would fail a handshake.
-client = redis.asyncio.Redis.from_url(
-    os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-    decode_responses=True,
-    retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
+client = redis.asyncio.Redis(
+    connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        max_connections=64,
+        timeout=None,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
+    )
 )
 prefix = os.environ.get("GATEWAY_SESSION_KEY_PREFIX", "gateway:session:")
 stream = os.environ.get("GATEWAY_SESSION_EVENTS_STREAM", "gateway:session_events")

@@ -75,6 +75,10 @@ def excluded(scope: Scope, exclude_paths: Iterable[str]) -> bool:
 
     ``"/health"`` also covers ``"/health/live"``, but not ``"/healthcheck"``.
     """
+    path = scope.get("path")
+    # Cheap first: a path that does not even start like an exclusion is not excluded.
+    if not isinstance(path, str) or not any(path.startswith(p.rstrip("/")) for p in exclude_paths):
+        return False
     path = normalized_path(scope)
     if path is None:
         return False

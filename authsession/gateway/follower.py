@@ -312,10 +312,11 @@ class EventFollower:
         """Watch a live connection's session: the subscription fires once, when it ends.
 
         ``callback`` (a function or coroutine function taking the :class:`SessionEnd`)
-        is called then; the returned :class:`Subscription` can also be awaited. The
-        snapshot key is read again after the subscription is in place, so a revocation
-        published between the verification and this call is never missed (the
-        subscription then fires at once: check ``subscription.done``). If Redis cannot
+        is called then; the returned :class:`Subscription` can also be awaited. Unless
+        the follower already holds the session (and is fresh), the snapshot key is read
+        again after the subscription is in place, so a revocation published between the
+        verification and this call is never missed (the subscription then fires at
+        once: check ``subscription.done``). If Redis cannot
         be read and the follower holds no snapshot it may trust, it fires
         ``internal_error``. Starts the reader if it is not running.
         """
@@ -323,6 +324,12 @@ class EventFollower:
         subscription = Subscription(device_session_id, user_id, callback, self._unregister)
         self._subs.setdefault(device_session_id, set()).add(subscription)
         self._lru.pop(device_session_id, None)
+        if device_session_id in self._sessions and self.fresh:
+            # Already held (the verifier read it through this follower, or an event
+            # brought it): everything up to the position is in the held snapshot and
+            # every later event is applied to it, so no second read is needed.
+            self._evaluate(device_session_id)
+            return subscription
         try:
             async with asyncio.timeout(self._read_timeout):
                 await self._positioned.wait()

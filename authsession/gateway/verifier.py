@@ -171,8 +171,8 @@ class SessionVerifier:
     ) -> Principal | Rejection:
         # The hash is checked before the status so that only the token's holder learns
         # whether its session was revoked or expired.
-        expected = snapshot.token_sha256.encode("ascii")
-        if not hmac.compare_digest(token_sha256(token).encode("ascii"), expected):
+        # Both are ASCII hex strings, which compare_digest takes as they are.
+        if not hmac.compare_digest(token_sha256(token), snapshot.token_sha256):
             return Rejection("verification_failed", "token hash mismatch")
         if snapshot.device_session_id != device_session_id:
             return Rejection("verification_failed", "snapshot belongs to another session")

@@ -87,23 +87,41 @@ async def test_registering_after_verifying_cannot_miss_a_revocation(
     aredis: redis.asyncio.Redis, publish: Publish
 ) -> None:
     follower = EventFollower(aredis, block_ms=200)
-    verifier = SessionVerifier(aredis, cache=follower)
+    # A verifier without the follower as cache: the follower does not hold the session.
+    verifier = SessionVerifier(aredis)
     issued = await publish(issue())
     async with running(follower):
         await eventually(lambda: follower.fresh)
         assert isinstance(await verifier.verify(issued.token), Principal)
         # Revoked between the verification and the registration, and the event not yet
         # read (here: never appended): only the re-check under the subscription sees it.
-        revoked = issued.revoked()
         document = json.loads(str(await aredis.get(PREFIX + issued.device_session_id)))
         document.update(status="revoked", version=2, revoke_reason="revoked_by_backend")
         await aredis.set(PREFIX + issued.device_session_id, json.dumps(document))
 
-        subscription = await follower.register(issued.device_session_id, revoked.session.user_id)
+        subscription = await follower.register(issued.device_session_id, issued.session.user_id)
 
         assert subscription.done
         end = await subscription
         assert (end.reason, end.revoke_reason) == ("revoked", "revoked_by_backend")
+
+
+async def test_a_held_session_registers_without_a_read_and_still_sees_the_revocation(
+    aredis: redis.asyncio.Redis, publish: Publish
+) -> None:
+    follower = EventFollower(aredis, block_ms=200)
+    verifier = SessionVerifier(aredis, cache=follower)
+    issued = await publish(issue())
+    async with running(follower):
+        await eventually(lambda: follower.fresh)
+        assert isinstance(await verifier.verify(issued.token), Principal)
+        assert follower.snapshot(issued.device_session_id) is not None  # remembered
+        await publish(issued.revoked())  # between the verification and the registration
+
+        subscription = await follower.register(issued.device_session_id, issued.session.user_id)
+
+        end = await asyncio.wait_for(subscription.wait(), timeout=3)
+        assert end.reason == "revoked"
 
 
 async def test_expiry_fires_at_expires_at_and_extend_moves_it(

@@ -134,9 +134,13 @@ class _Connection:
 
     async def send(self, message: Message) -> None:
         async with self._lock:
-            if self._closed:
-                return  # the guard closed the socket: the app's late messages are dropped
             kind = message["type"]
+            if self._closed:
+                if self._end is not None and kind != "websocket.close":
+                    # The guard closed the socket: tell a send-only app, as a server would
+                    # (Starlette turns this into WebSocketDisconnect).
+                    raise OSError(f"the session ended: {self._end.reason}")
+                return
             if kind == "websocket.accept":
                 await self._send(message)
                 self._accepted = True

@@ -7,10 +7,12 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis.asyncio
 
 from authsession.gateway import (
     EventFollower,
+    FollowerOverflow,
     Principal,
     Rejection,
     SessionEnd,
@@ -54,6 +56,27 @@ async def test_every_consumer_sees_every_change(
 
     assert seen[0] == expected
     assert seen[1] == expected
+
+
+async def test_a_consumer_that_falls_behind_is_told(
+    aredis: redis.asyncio.Redis, publish: Publish
+) -> None:
+    follower = EventFollower(aredis, block_ms=200, consumer_buffer=5)
+    slow = follower.changes()
+    first = asyncio.ensure_future(anext(slow))
+    async with running(follower):
+        await eventually(lambda: follower.fresh)
+        for _ in range(8):
+            await publish(issue())
+        await eventually(lambda: follower.applied == 8)
+        assert (await first).version == 1
+
+        async def drain() -> None:
+            for _ in range(8):
+                await anext(slow)
+
+        with pytest.raises(FollowerOverflow):
+            await drain()
 
 
 async def test_a_revocation_fires_only_that_sessions_subscription(

@@ -48,7 +48,10 @@ TRANSPORT = os.environ.get("BENCH_GATEWAY_TRANSPORT", "websocket")
 CLIENT_PROCS = int(os.environ.get("BENCH_GATEWAY_CLIENT_PROCS", "4"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "32"))
-ROUNDS = int(os.environ.get("BENCH_GATEWAY_ROUNDS", "3"))
+# The HTTP comparison alternates this many short rounds per side (SECONDS in all per side).
+ROUNDS = int(os.environ.get("BENCH_GATEWAY_ROUNDS", "10"))
+# New connections per second, all client processes together.
+CONNECT_RATE = float(os.environ.get("BENCH_GATEWAY_CONNECT_RATE", "1000"))
 PREFIX, STREAM = "gateway:session:", "gateway:session_events"
 
 
@@ -154,6 +157,7 @@ async def revocation_latency(
             str(Path(__file__).with_name("gateway_clients.py")),
             TRANSPORT,
             url,
+            str(CONNECT_RATE / CLIENT_PROCS),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -228,9 +232,9 @@ async def revocation_latency(
 
 
 # --------------------------------------------------------------------------- HTTP ratio
-async def http_rate(port: int, request: bytes) -> tuple[float, float]:
+async def http_rate(port: int, request: bytes, seconds: float) -> tuple[float, float]:
     """Requests per second on CONCURRENCY keep-alive connections, and our CPU share."""
-    deadline = time.perf_counter() + SECONDS
+    deadline = time.perf_counter() + seconds
     count = 0
 
     async def worker() -> None:
@@ -251,7 +255,7 @@ async def http_rate(port: int, request: bytes) -> tuple[float, float]:
     return count / wall, (time.process_time() - cpu) / wall
 
 
-async def http_ratio(port: int, token: str) -> dict[str, float]:
+async def http_ratio(port: int, token: str) -> dict[str, Any]:
     def request(path: str) -> bytes:
         # The same headers both ways, so that only the middleware's work differs.
         return (
@@ -259,14 +263,14 @@ async def http_ratio(port: int, token: str) -> dict[str, float]:
         ).encode()
 
     protected, unprotected = request("/protected/ping"), request("/open/ping")
-    await http_rate(port, protected)  # warm-up: the token's snapshot enters the cache
+    await http_rate(port, protected, 0.5)  # warm-up: the token's snapshot enters the cache
     rates: dict[str, list[float]] = {"protected": [], "unprotected": []}
     cpu_share = 0.0
     # Alternating rounds, so that a neighbour's load on a shared machine hits both; the
     # ratio is the median of the rounds' ratios.
     for _ in range(ROUNDS):
         for name, raw in (("unprotected", unprotected), ("protected", protected)):
-            rps, share = await http_rate(port, raw)
+            rps, share = await http_rate(port, raw, SECONDS / ROUNDS)
             rates[name].append(rps)
             cpu_share = max(cpu_share, share)
     ratios = [p / u for p, u in zip(rates["protected"], rates["unprotected"], strict=True)]
@@ -274,6 +278,7 @@ async def http_ratio(port: int, token: str) -> dict[str, float]:
         "protected_rps": statistics.median(rates["protected"]),
         "unprotected_rps": statistics.median(rates["unprotected"]),
         "ratio": statistics.median(ratios),
+        "round_ratios": [round(r, 3) for r in ratios],
         "loadgen_cpu": cpu_share,
     }
 
@@ -288,7 +293,7 @@ def main() -> int:
         pass
     print(
         f"gateway bench: {CLIENTS} {TRANSPORT} clients in {CLIENT_PROCS} processes, "
-        f"{REVOCATIONS} revocations; HTTP {SECONDS:g} s x {ROUNDS} rounds, "
+        f"{REVOCATIONS} revocations; HTTP {SECONDS:g} s per side in {ROUNDS} rounds, "
         f"{CONCURRENCY} connections"
     )
     with RedisServer() as redis_server:
@@ -338,7 +343,8 @@ def main() -> int:
             print(
                 f"HTTP behind the middleware (follower cache): {ratio['protected_rps']:.0f} req/s"
                 f" vs {ratio['unprotected_rps']:.0f} req/s unprotected: ratio "
-                f"{ratio['ratio']:.3f}   target >= 0.9   (load generator CPU "
+                f"{ratio['ratio']:.3f} (rounds {ratio['round_ratios']})   target >= 0.9   "
+                f"(load generator CPU "
                 f"{ratio['loadgen_cpu']:.0%} of a core)",
                 flush=True,
             )

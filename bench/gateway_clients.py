@@ -2,7 +2,8 @@
 
 Reads ``[{"device_session_id", "session_token"}, ...]`` as JSON on stdin, opens one
 connection per session to the gateway at ``argv[2]`` (``websocket`` or ``socketio`` in
-``argv[1]``), prints ``ready <n>`` once all are open, then one line
+``argv[1]``) at ``argv[3]`` connections per second, prints ``ready <n>`` once all are
+open, then one line
 ``closed <device_session_id> <CLOCK_MONOTONIC seconds>`` per connection the gateway
 closes (CLOCK_MONOTONIC is one clock for every process of the machine).
 """
@@ -73,11 +74,16 @@ async def main() -> None:
             report(f"failed {session['device_session_id']} {type(exc).__name__}:{exc!s:.200}")
             await opened.put(None)
 
+    # Paced like clients arriving over time (argv[3] connections per second): a burst of
+    # thousands at once would only measure the handshake queue.
+    rate = float(sys.argv[3])
     tasks = []
+    started = time.monotonic()
     for index, session in enumerate(sessions):
         tasks.append(asyncio.create_task(guarded(session)))
-        if index % 100 == 99:
-            await asyncio.sleep(0.05)  # do not flood the listen backlog
+        delay = started + (index + 1) / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
     for _ in sessions:
         await opened.get()
     report(f"ready {len(sessions)}")

@@ -22,14 +22,27 @@ from tests.gateway.conftest import PREFIX, STREAM, async_client, issue
 from tests.support.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER_ONLY = ["fastapi", "pydantic", "pydantic_settings", "httpx", "uvicorn", "fakeredis"]
+SERVER_ONLY = [
+    "fastapi",
+    "pydantic",
+    "pydantic_settings",
+    "httpx",
+    "uvicorn",
+    "fakeredis",
+    "starlette",
+    "opentelemetry",
+]
 
 SCRIPT = textwrap.dedent(
     """
     import asyncio, importlib.util, json, sys
     import redis.asyncio
-    from authsession.gateway import EventFollower, SessionVerifier, WebSocketSessionGuard
+    from authsession.gateway import EventFollower, SessionVerifier, SocketMetrics
     from authsession.gateway.socketio_adapter import SocketIOSessionGuard
+
+    # Without opentelemetry-api the socket metrics are a no-op, not an ImportError.
+    metrics = SocketMetrics("socketio")
+    metrics.accepted(); metrics.rejected("revoked"); metrics.disconnected("client")
 
     async def main(port, tokens, server_only):
         client = redis.asyncio.Redis(port=port, decode_responses=True)

@@ -454,6 +454,10 @@ class EventFollower:
                 block=self._block_ms if self._healthy else None,
             )
             entries = _stream_entries(reply)
+            if entries:
+                # The stream exists (if it disappears before the next check, that is a
+                # reset too).
+                self._stream_seen = True
             # Checked after the read: trimming only advances, so if nothing after the
             # position is gone now, nothing was gone when the read was served.
             if entries and await self._trimmed_past(position):

@@ -277,7 +277,8 @@ async def test_redis_restart_resyncs_and_accepts_nothing_revoked_meanwhile(
 
             # Restarted empty (the data lost): the session is gone, its socket closes
             # and its token is refused.
-            directory = Path(redis_server.client().config_get("dir")["dir"])
+            with redis_server.client() as admin:
+                directory = Path(admin.config_get("dir")["dir"])
             redis_server.kill()
             for entry in directory.iterdir():
                 if entry.name != "redis.log":

@@ -178,3 +178,33 @@ async def test_stream_deleted_and_recreated_under_the_follower(
         await eventually(lambda: follower.fresh)
         assert await verifier.verify(first.token) == Rejection("unknown_session")
         assert isinstance(await verifier.verify(second.token), Principal)
+
+
+async def test_works_with_the_shipped_read_only_gateway_acl(tmp_path: Path) -> None:
+    # The `gateway` user of deploy/users.acl, as shipped: no INFO (it is @dangerous), so
+    # the run id is not checked, and everything else works.
+    acl = (Path(__file__).resolve().parents[2] / "deploy" / "users.acl").read_text()
+    line = next(x for x in acl.splitlines() if x.startswith("user gateway "))
+    rules = [">test-pw" if r.startswith(">") else r for r in line.split()[2:]]
+    with RedisServer(["--user", "gateway", *rules]) as server:
+        admin = async_client(server)
+        gateway = async_client(server, username="gateway", password="test-pw")
+        follower = follower_on(gateway)
+        verifier = SessionVerifier(gateway, cache=follower)
+        issued = issue()
+        try:
+            async with running(follower):
+                await eventually(lambda: follower.fresh)
+                await publish_all(admin, issued)
+                assert isinstance(await verifier.verify(issued.token), Principal)
+                subscription = await follower.register(
+                    issued.device_session_id, issued.session.user_id
+                )
+                await publish_all(admin, issued.revoked())
+                assert (await asyncio.wait_for(subscription.wait(), 3)).reason == "revoked"
+                # A reset the stream shows is still detected without INFO.
+                await admin.delete(STREAM)
+                await eventually(lambda: follower.resets == 1)
+        finally:
+            await admin.aclose()
+            await gateway.aclose()

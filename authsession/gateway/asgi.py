@@ -43,6 +43,48 @@ def bearer_token(value: str | None) -> str | None:
     return token.strip() or None
 
 
+def normalized_path(scope: Scope) -> str | None:
+    """The request path if it is already normalized, else None.
+
+    Normalized means: no percent-encoding at all in the raw path (so no encoded slash,
+    dot or backslash that a later hop could decode), no ``.`` or ``..`` segment, no empty
+    segment and no backslash. Only such a path may be matched against ``exclude_paths``:
+    ``/healthz/../admin``, ``/healthz/%2e%2e/admin`` and ``/healthz%2F..%2Fadmin`` are
+    never excluded, whatever the app or a proxy behind it would make of them.
+    """
+    path = scope.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        return None
+    raw = scope.get("raw_path")
+    if raw is not None:
+        raw_text = bytes(raw).decode("latin-1").partition("?")[0]
+        if "%" in raw_text or raw_text != path:
+            return None
+    if "\\" in path or "%" in path:
+        return None
+    segments = path[1:].split("/")
+    # A trailing slash leaves one empty last segment; any other empty one is "//".
+    inner = segments[:-1] if segments and segments[-1] == "" else segments
+    if any(segment in ("", ".", "..") for segment in inner) and path != "/":
+        return None
+    return path
+
+
+def excluded(scope: Scope, exclude_paths: Iterable[str]) -> bool:
+    """Whether the request's normalized path is one of ``exclude_paths`` or below one.
+
+    ``"/health"`` also covers ``"/health/live"``, but not ``"/healthcheck"``.
+    """
+    path = scope.get("path")
+    # Cheap first: a path that does not even start like an exclusion is not excluded.
+    if not isinstance(path, str) or not any(path.startswith(p.rstrip("/")) for p in exclude_paths):
+        return False
+    path = normalized_path(scope)
+    if path is None:
+        return False
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in exclude_paths)
+
+
 class SessionAuthMiddleware:
     """Verifies the bearer token of every HTTP and WebSocket request before the app."""
 
@@ -53,15 +95,18 @@ class SessionAuthMiddleware:
         *,
         header: str = "authorization",
         exclude_paths: Iterable[str] = (),
+        websocket: bool = True,
     ) -> None:
         self._app = app
         self._verifier = verifier
         self._header = header.lower().encode("latin-1")
         self._exclude = tuple(exclude_paths)
+        # websocket=False leaves WebSocket scopes to a WebSocketSessionGuard.
+        self._types = ("http", "websocket") if websocket else ("http",)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Admit the request with its principal in ``scope["state"]``, or answer 401/503."""
-        if scope["type"] not in ("http", "websocket") or self._excluded(scope["path"]):
+        if scope["type"] not in self._types or self._excluded(scope):
             await self._app(scope, receive, send)
             return
         values = [v for k, v in scope["headers"] if k.lower() == self._header]
@@ -79,9 +124,8 @@ class SessionAuthMiddleware:
         else:
             await self._reject(result, send)
 
-    def _excluded(self, path: str) -> bool:
-        # "/health" also covers "/health/live", but not "/healthcheck".
-        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self._exclude)
+    def _excluded(self, scope: Scope) -> bool:
+        return excluded(scope, self._exclude)
 
     async def _reject(self, rejection: Rejection, send: Send) -> None:
         body = json.dumps(

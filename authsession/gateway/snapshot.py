@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
-
-from authsession.domain.units import parse_time
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 # RFC 3339 requires an offset; without one fromisoformat would read local time.
@@ -96,6 +94,13 @@ def _time(raw: dict[str, Any], name: str) -> datetime:
         except ValueError:
             pass
     raise SnapshotError(f"{name} is not an RFC 3339 time")
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time with an offset, as an aware UTC datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00")).astimezone(
+        UTC
+    )
 
 
 def _optional_time(raw: dict[str, Any], name: str) -> datetime | None:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 from redis.asyncio import Redis
 
-from authsession.domain.codes import is_valid_id, token_sha256
 from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
 
 log = logging.getLogger("authsession.gateway")
@@ -31,6 +31,9 @@ RejectionReason: TypeAlias = Literal[
 # The service issues 32-character ids and 43-character secrets; anything far longer is
 # not a token of ours, and refusing it early keeps hashing and key names bounded.
 MAX_TOKEN_LENGTH = 256
+# The contract's identifier form (CONTRACT §1); written here rather than imported so that
+# the library depends on nothing of the server.
+_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 # The secret is what follows the last "." of an RFC 6750 b64token, so no "." in it.
 _SECRET = re.compile(r"^[A-Za-z0-9_~+/-]+=*$")
 
@@ -63,12 +66,35 @@ class SnapshotCache(Protocol):
         ...
 
 
+@runtime_checkable
+class LearningCache(SnapshotCache, Protocol):
+    """A cache that also keeps what the verifier read from Redis (the event follower)."""
+
+    def watermark(self) -> Any:
+        """Taken before a read of a snapshot key."""
+        ...
+
+    def remember(self, snapshot: SessionSnapshot, watermark: Any) -> bool:
+        """Keep a snapshot read after ``watermark`` (if that is safe); whether it was kept."""
+        ...
+
+
 class TokenVerifier(Protocol):
     """Anything that turns a bearer token into a principal or a rejection."""
 
     async def verify(self, token: str | None) -> Principal | Rejection:
         """Verify one token; never raises."""
         ...
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` has the form of a device session id."""
+    return _ID.fullmatch(value) is not None
+
+
+def token_sha256(token: str) -> str:
+    """Hex SHA-256 of a whole session token, as the snapshot's ``token_sha256`` holds it."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def split_token(token: str) -> tuple[str, str] | None:
@@ -107,12 +133,20 @@ class SessionVerifier:
         if parts is None:
             return Rejection("malformed_token")
         device_session_id = parts[0]
-        snapshot = self._cache.cached(device_session_id) if self._cache is not None else None
+        cache = self._cache
+        snapshot = cache.cached(device_session_id) if cache is not None else None
         if snapshot is None:
+            watermark = cache.watermark() if isinstance(cache, LearningCache) else None
             read = await self._read(device_session_id)
             if isinstance(read, Rejection):
                 return read
             snapshot = read
+            result = self._check(token, device_session_id, snapshot)
+            # Only a snapshot the token matched is kept: strangers' guesses must not fill
+            # (or evict from) the cache.
+            if isinstance(cache, LearningCache) and not _is_hash_failure(result):
+                cache.remember(snapshot, watermark)
+            return result
         return self._check(token, device_session_id, snapshot)
 
     async def _read(self, device_session_id: str) -> SessionSnapshot | Rejection:
@@ -137,8 +171,8 @@ class SessionVerifier:
     ) -> Principal | Rejection:
         # The hash is checked before the status so that only the token's holder learns
         # whether its session was revoked or expired.
-        expected = snapshot.token_sha256.encode("ascii")
-        if not hmac.compare_digest(token_sha256(token).encode("ascii"), expected):
+        # Both are ASCII hex strings, which compare_digest takes as they are.
+        if not hmac.compare_digest(token_sha256(token), snapshot.token_sha256):
             return Rejection("verification_failed", "token hash mismatch")
         if snapshot.device_session_id != device_session_id:
             return Rejection("verification_failed", "snapshot belongs to another session")
@@ -152,6 +186,10 @@ class SessionVerifier:
             expires_at=snapshot.expires_at,
             version=snapshot.version,
         )
+
+
+def _is_hash_failure(result: Principal | Rejection) -> bool:
+    return isinstance(result, Rejection) and result.reason == "verification_failed"
 
 
 def _utc_now() -> datetime:

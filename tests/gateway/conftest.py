@@ -7,8 +7,11 @@ unless a test is about a document the publisher would not write.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +24,7 @@ from redis.backoff import NoBackoff
 
 from authsession.domain.codes import new_id, new_session_token, token_sha256
 from authsession.domain.model import Session
+from authsession.gateway import EventFollower
 from authsession.redis.projection import RedisProjectionPublisher
 
 # The in-process apps (make_app) live with the integration tests; share them.
@@ -111,3 +115,24 @@ def publish(aredis: redis.asyncio.Redis) -> Publish:
         return issued
 
     return _publish
+
+
+@asynccontextmanager
+async def running(follower: EventFollower) -> AsyncIterator[asyncio.Task[None]]:
+    """The follower's reader as a background task, stopped and awaited on exit."""
+    task = follower.start()
+    try:
+        yield task
+    finally:
+        follower.stop()
+        await asyncio.wait_for(task, timeout=5)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> float:
+    """Wait until ``check()`` holds; the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started

@@ -224,6 +224,9 @@ async def test_resync_after_trimming(
     assert parse_stream_id(info["first-entry"][0]) > parse_stream_id(first_id)
 
     follower = EventFollower(aredis, start_id=first_id, block_ms=50)
+    # The follower keeps only the sessions the gateway asked about.
+    for issued in sessions:
+        follower.track(issued.device_session_id)
     await follower.poll()
 
     assert follower.resyncs == 1
@@ -353,6 +356,8 @@ async def test_survives_a_redis_outage(dedicated_redis: RedisServer) -> None:
             assert not task.done()
 
             dedicated_redis.restart()  # empty: a new stream, ids after the old position
+            # The restart is a reset (a new run id): the follower resyncs, then follows.
+            await eventually(lambda: follower.resets == 1 and follower.fresh)
             issued = issue()
             await publisher_on(client).publish(issued.session, datetime.now(UTC))
 

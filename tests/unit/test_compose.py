@@ -51,6 +51,7 @@ MAIL_LINE = re.compile(
 # may have nothing else.
 READ_ONLY_COMMANDS = {
     "get",
+    "info",  # the gateway follower reads the run id (INFO server) to notice a reset
     "mget",
     "exists",
     "pttl",
@@ -348,7 +349,7 @@ def test_acl_gateway_user_only_reads_gateway_keys() -> None:
         assert "-@dangerous" in gateway.rules
     extra = gateway.added_commands - READ_ONLY_COMMANDS
     assert extra == set(), f"gateway may only read, but gets {sorted(extra)}"
-    for needed in ("get", "xread", "xrange", "xrevrange", "xinfo"):
+    for needed in ("get", "xread", "xrange", "xrevrange", "xinfo", "info"):
         assert gateway.allows(needed), f"gateway needs {needed}"
 
 

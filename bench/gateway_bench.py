@@ -148,6 +148,7 @@ async def revocation_latency(
     loop = asyncio.get_running_loop()
     ready = 0
     failures: list[str] = []
+    retried: list[str] = []
     all_ready = asyncio.Event()
     chunks = [sessions[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
     clients = []
@@ -180,6 +181,8 @@ async def revocation_latency(
                 ready += int(rest[0])
                 if ready == len(sessions):
                     all_ready.set()
+            elif kind == "retried":
+                retried.append(rest[0])
             elif kind == "failed":
                 failures.append(" ".join(rest))
                 if len(failures) <= 3:
@@ -194,7 +197,10 @@ async def revocation_latency(
     await asyncio.wait_for(all_ready.wait(), timeout=600)
     if failures:
         raise SystemExit(f"{len(failures)} clients could not connect")
-    print(f"{len(sessions)} {TRANSPORT} clients connected in {time.monotonic() - started:.1f} s")
+    print(
+        f"{len(sessions)} {TRANSPORT} clients connected in {time.monotonic() - started:.1f} s "
+        f"({len(retried)} handshakes needed another try)"
+    )
     await asyncio.sleep(1.0)
 
     internal = await Connection.open("127.0.0.1", proc.internal_port)

@@ -105,14 +105,3 @@ async def object_or_no_body(request: Request) -> None:
     start = (await request.body()).lstrip()[:1]
     if start not in (b"", b"{"):
         raise InvalidRequest("the body must be a JSON object", {"field": "body"})
-
-
-def bearer_token(value: str | None) -> str | None:
-    """The credentials of an ``Authorization: Bearer <token>`` value (the scheme in any
-    case, RFC 9110 §11.1), or ``None``."""
-    if value is None:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None

@@ -10,7 +10,8 @@ from fastapi import Depends, FastAPI, Header, Request
 
 from authsession.domain.sessions import ClientInfo
 from authsession.domain.units import format_time
-from authsession.http.common import bearer_token, errors, new_app, object_or_no_body
+from authsession.gateway.asgi import bearer_token
+from authsession.http.common import errors, new_app, object_or_no_body
 from authsession.http.middleware import (
     ContractCORSMiddleware,
     RateLimitMiddleware,

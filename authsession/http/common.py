@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
+from starlette.responses import Response
 
 from authsession import __version__
 from authsession.domain.errors import InvalidRequest
@@ -105,3 +107,18 @@ async def object_or_no_body(request: Request) -> None:
     start = (await request.body()).lstrip()[:1]
     if start not in (b"", b"{"):
         raise InvalidRequest("the body must be a JSON object", {"field": "body"})
+
+
+class ModelResponse(Response):
+    """A response model serialized once, by pydantic-core.
+
+    A handler that returns a model lets FastAPI validate it again against the
+    ``response_model`` and encode it through ``jsonable_encoder`` and ``json.dumps``; our
+    handlers build their models from the domain, so that second pass is pure cost on the
+    hot paths. ``response_model=`` stays on every route for the OpenAPI documents.
+    """
+
+    media_type = "application/json"
+
+    def __init__(self, model: BaseModel, status_code: int = 200) -> None:
+        super().__init__(model.__pydantic_serializer__.to_json(model), status_code)

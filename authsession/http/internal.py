@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Path, Query
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
-from authsession.http.common import errors, new_app, object_or_no_body
+from authsession.http.common import ModelResponse, errors, new_app, object_or_no_body
 from authsession.http.middleware import BearerTokenMiddleware, RequestContextMiddleware
 from authsession.http.schemas import (
     BlockRequest,
@@ -43,11 +43,13 @@ def create_internal_app(core: Core) -> FastAPI:
     async def list_sessions(
         user_id: UserIdPath,
         status: Annotated[Literal["active", "revoked", "expired", "all"], Query()] = "all",
-    ) -> SessionListResponse:
+    ) -> ModelResponse:
         found = await sessions.list_sessions(user_id, status)
         now = clock.now()
-        return SessionListResponse(
-            user_id=user_id, sessions=[SessionResponse.of(s, now) for s in found]
+        return ModelResponse(
+            SessionListResponse(
+                user_id=user_id, sessions=[SessionResponse.of(s, now) for s in found]
+            )
         )
 
     @app.get(
@@ -56,8 +58,8 @@ def create_internal_app(core: Core) -> FastAPI:
         responses=errors(UNAUTHORIZED, (404, "session_not_found")),
         summary="Read one session",
     )
-    async def get_session(device_session_id: SessionIdPath) -> SessionResponse:
-        return SessionResponse.of(await sessions.get(device_session_id), clock.now())
+    async def get_session(device_session_id: SessionIdPath) -> ModelResponse:
+        return ModelResponse(SessionResponse.of(await sessions.get(device_session_id), clock.now()))
 
     @app.post(
         "/api/v1/internal/sessions/{device_session_id}/revoke",
@@ -68,9 +70,11 @@ def create_internal_app(core: Core) -> FastAPI:
     )
     async def revoke_session(
         device_session_id: SessionIdPath, body: RevokeRequest | None = None
-    ) -> SessionResponse:
+    ) -> ModelResponse:
         reason = body.reason if body else None
-        return SessionResponse.of(await sessions.revoke(device_session_id, reason), clock.now())
+        return ModelResponse(
+            SessionResponse.of(await sessions.revoke(device_session_id, reason), clock.now())
+        )
 
     @app.post(
         "/api/v1/internal/users/{user_id}/sessions/revoke",
@@ -81,10 +85,10 @@ def create_internal_app(core: Core) -> FastAPI:
     )
     async def revoke_all(
         user_id: UserIdPath, body: RevokeAllRequest | None = None
-    ) -> RevokedResponse:
+    ) -> ModelResponse:
         body = body or RevokeAllRequest()
         revoked = await sessions.revoke_all(user_id, body.reason, body.except_session_id)
-        return RevokedResponse(user_id=user_id, revoked_session_ids=revoked)
+        return ModelResponse(RevokedResponse(user_id=user_id, revoked_session_ids=revoked))
 
     @app.post(
         "/api/v1/internal/sessions/{device_session_id}/extend",
@@ -95,9 +99,11 @@ def create_internal_app(core: Core) -> FastAPI:
     )
     async def extend_session(
         device_session_id: SessionIdPath, body: ExtendRequest | None = None
-    ) -> SessionResponse:
+    ) -> ModelResponse:
         ttl = body.ttl if body else None
-        return SessionResponse.of(await sessions.extend(device_session_id, ttl), clock.now())
+        return ModelResponse(
+            SessionResponse.of(await sessions.extend(device_session_id, ttl), clock.now())
+        )
 
     @app.post(
         "/api/v1/internal/users/{user_id}/block",
@@ -106,9 +112,9 @@ def create_internal_app(core: Core) -> FastAPI:
         responses=errors(UNAUTHORIZED, (404, "user_not_found")),
         summary="Block a user in the user service and revoke all their sessions",
     )
-    async def block_user(user_id: UserIdPath, body: BlockRequest | None = None) -> RevokedResponse:
+    async def block_user(user_id: UserIdPath, body: BlockRequest | None = None) -> ModelResponse:
         revoked = await sessions.block_user(user_id, body.reason if body else None)
-        return RevokedResponse(user_id=user_id, revoked_session_ids=revoked)
+        return ModelResponse(RevokedResponse(user_id=user_id, revoked_session_ids=revoked))
 
     tokens = core.settings.internal_api_tokens
     if tokens:

@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from authsession.domain.sessions import ClientInfo
 from authsession.domain.units import format_time
 from authsession.gateway.asgi import bearer_token
-from authsession.http.common import errors, new_app, object_or_no_body
+from authsession.http.common import ModelResponse, errors, new_app, object_or_no_body
 from authsession.http.middleware import (
     ContractCORSMiddleware,
     RateLimitMiddleware,
@@ -43,7 +43,7 @@ def create_public_app(core: Core) -> FastAPI:
         responses=errors((429, "rate_limited")),
         summary="Mail a 6-digit login code",
     )
-    async def send_email_code(body: SendEmailCodeRequest) -> ChallengeResponse:
+    async def send_email_code(body: SendEmailCodeRequest) -> ModelResponse:
         # The answer comes no sooner than the floor after the request arrived, whatever
         # the outcome (sent, suppressed, throttled, a failure), so its timing does not
         # tell a deliverable address from another. asyncio.sleep holds no worker and no
@@ -55,8 +55,10 @@ def create_public_app(core: Core) -> FastAPI:
             remaining = floor - (time.monotonic() - started)
             if remaining > 0:
                 await asyncio.sleep(remaining)
-        return ChallengeResponse(
-            challenge_id=issued.challenge_id, expires_at=format_time(issued.expires_at)
+        return ModelResponse(
+            ChallengeResponse(
+                challenge_id=issued.challenge_id, expires_at=format_time(issued.expires_at)
+            )
         )
 
     @app.post(
@@ -72,18 +74,20 @@ def create_public_app(core: Core) -> FastAPI:
         ),
         summary="Check the code and create a device session (idempotent on retry)",
     )
-    async def confirm(body: ConfirmRequest, request: Request) -> ConfirmResponse:
+    async def confirm(body: ConfirmRequest, request: Request) -> ModelResponse:
         client = ClientInfo(
             ip=client_ip(request.scope, trusted),
             user_agent=request.headers.get("user-agent", "")[:MAX_USER_AGENT],
         )
         result = await core.login.confirm(body.challenge_id, body.code, body.device_name, client)
-        return ConfirmResponse(
-            device_session_id=result.device_session_id,
-            session_token=result.session_token,
-            user_id=result.user_id,
-            expires_at=format_time(result.expires_at),
-            created=result.created,
+        return ModelResponse(
+            ConfirmResponse(
+                device_session_id=result.device_session_id,
+                session_token=result.session_token,
+                user_id=result.user_id,
+                expires_at=format_time(result.expires_at),
+                created=result.created,
+            )
         )
 
     @app.post(
@@ -96,7 +100,7 @@ def create_public_app(core: Core) -> FastAPI:
     async def logout(
         authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
         body: LogoutRequest | None = None,
-    ) -> LogoutResponse:
+    ) -> ModelResponse:
         """Revoke the caller's own session (reason ``logout``); idempotent.
 
         Send the session token as ``Authorization: Bearer <session_token>`` and an empty
@@ -104,7 +108,9 @@ def create_public_app(core: Core) -> FastAPI:
         answer whether the session is unknown or the secret is wrong.
         """
         session = await core.sessions.logout(bearer_token(authorization))
-        return LogoutResponse(device_session_id=session.device_session_id, status="revoked")
+        return ModelResponse(
+            LogoutResponse(device_session_id=session.device_session_id, status="revoked")
+        )
 
     # Added innermost first: the request context wraps everything, CORS answers
     # preflights before the rate limit counts anything.

@@ -549,9 +549,18 @@ class FakeFailureBudget(Faulty):
         )
         return member
 
+    async def release_all(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
+        """Remove several reserved members (one pipeline of ``ZREM``)."""
+        await self._step("release")
+        for subject, member, scope in slots:
+            await self._release(subject, member, scope)
+
     async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Remove one reserved member (``ZREM``)."""
         await self._step("release")
+        await self._release(subject, member, scope)
+
+    async def _release(self, subject: str, member: str, scope: Scope) -> None:
         email_hash = _scoped(subject, scope)
         members: list[tuple[int, str]] | None = self._members.get(email_hash)
         drop_at = self._members.drop_at(email_hash)

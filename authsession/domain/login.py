@@ -221,13 +221,6 @@ class LoginService:
         self._metrics.challenge(challenge.status.value)
         return ChallengeIssued(challenge.challenge_id, challenge.expires_at)
 
-    async def _release_slot(self, subject: str, slot: str, scope: Scope = "email") -> None:
-        try:
-            await self._failures.release(subject, slot, scope)
-        except ServiceUnavailable as exc:
-            # The slot then counts as a failure until it leaves the window.
-            log.warning("could not release a failure-budget slot", extra={"cause": exc.cause})
-
     async def _release_cooldown(self, subject: str, owner: str, scope: Scope = "email") -> None:
         try:
             await self._throttle.release(subject, owner, scope)
@@ -312,8 +305,13 @@ class LoginService:
         return slots
 
     async def _release_slots(self, slots: list[tuple[str, str, Scope]]) -> None:
-        for subject, slot, scope in slots:
-            await self._release_slot(subject, slot, scope)
+        if not slots:
+            return
+        try:
+            await self._failures.release_all(slots)
+        except ServiceUnavailable as exc:
+            # The slots then count as failures until they leave the window.
+            log.warning("could not release failure-budget slots", extra={"cause": exc.cause})
 
     async def _first_confirm(
         self, challenge: Challenge, device_name: str | None, client: ClientInfo

@@ -7,6 +7,7 @@ Every adapter failure surfaces as :class:`~authsession.domain.errors.ServiceUnav
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -132,6 +133,10 @@ class FailureBudget(Component, Protocol):
 
     async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Give back a reserved slot."""
+        ...
+
+    async def release_all(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
+        """Give back several reserved slots ``(subject, member, scope)`` at once."""
         ...
 
 

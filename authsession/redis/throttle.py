@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from authsession.domain.errors import ServiceUnavailable
@@ -118,6 +119,14 @@ class RedisFailureBudget(RedisComponent):
     async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Give back a slot whose confirm turned out not to be a wrong code."""
         await self._redis.zrem(self._key(subject, scope), member)
+
+    @redis_call
+    async def release_all(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
+        """Give back several slots in one round trip (one pipeline, split by node)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for subject, member, scope in slots:
+                pipe.zrem(self._key(subject, scope), member)
+            await pipe.execute()
 
 
 class RedisRateLimiter(RedisComponent):

@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/timing.py
 	$(BIN)/python bench/projection.py
+	$(BIN)/python bench/workers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

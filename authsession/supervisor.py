@@ -135,8 +135,11 @@ class Supervisor:
                 event = await self.events.get()
                 await self._handle(event)
             log.info("workers stopped", extra={"workers": len(self.slots)})
-            for name in LISTENERS:
-                log.info("listener stopped", extra={"listener": name, "workers": len(self.slots)})
+            if self.all_ready:
+                for name in LISTENERS:
+                    log.info(
+                        "listener stopped", extra={"listener": name, "workers": len(self.slots)}
+                    )
             return self.status
         finally:
             for slot in self.slots:
@@ -450,6 +453,17 @@ class WorkerFields(logging.Filter):
         return True
 
 
+def _tell_telemetry(index: int) -> None:
+    """Give the worker's spans and metrics the resource attribute ``authsession.worker``.
+
+    Each process already has its own ``service.instance.id`` (random, new at every
+    restart); the slot number lets a dashboard follow one worker across restarts.
+    """
+    name = "OTEL_RESOURCE_ATTRIBUTES"
+    current = os.environ.get(name, "").strip().strip(",")
+    os.environ[name] = ",".join(p for p in (current, f"authsession.worker={index}") if p)
+
+
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """A worker process: serve on the inherited sockets until the parent says stop."""
     parser = argparse.ArgumentParser(prog="authsession-worker")
@@ -465,6 +479,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         print(exc.one_line(), file=sys.stderr, flush=True)
         return 2
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    _tell_telemetry(args.worker)
     fields = WorkerFields(args.worker)
     for handler in logging.getLogger().handlers:
         handler.addFilter(fields)

@@ -195,7 +195,7 @@ def test_two_workers_serve_both_ports_and_run_a_leased_job_one_at_a_time(
     assert process.wait_exit() == 0, process.output_report()
 
 
-def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(
+def test_a_killed_worker_is_restarted_and_a_killed_parent_stops_the_workers(
     authsession_process: AuthsessionFactory, redis_server: RedisServer
 ) -> None:
     tag = secrets.token_hex(4)
@@ -222,10 +222,20 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(
     assert process.is_running()
     login(process, f"k{tag}-after@example.com")
 
-    process.terminate()
-    assert process.wait_exit() == 0, process.output_report()
-    exited = {r["pid"]: r["status"] for r in records(process, "worker exited")}
-    assert exited == {restarted: "exit 0", workers[2]: "exit 0"}
+    # A parent that dies, even by SIGKILL, takes its workers with it: they drain and exit
+    # instead of serving unsupervised.
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait_exit() == -signal.SIGKILL
+    alive = {restarted, workers[2]}
+    wait_until(
+        lambda: all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in alive),
+        20,
+        f"the workers to exit\n{process.output_report()}",
+    )
+    gone = records(process, "the supervising parent is gone; shutting down")
+    assert {r["pid"] for r in gone} == alive
+    assert not port_accepts(process.public_port)
+    assert not port_accepts(process.internal_port)
 
 
 def test_sigterm_drains_the_in_flight_requests_of_every_worker(
@@ -334,6 +344,32 @@ def test_a_failed_startup_check_exits_1_with_no_listener_and_no_worker(
     assert not records(process, "worker started")
     assert not records(process, "listener opened")
     assert not port_accepts(process.public_port)
+
+
+def test_a_worker_failing_at_startup_stops_the_service_with_1(
+    authsession_process: AuthsessionFactory, dedicated_redis: RedisServer
+) -> None:
+    # The parent's checks pass; Redis then stops answering before the workers check.
+    process = authsession_process(
+        {
+            **worker_env(dedicated_redis, secrets.token_hex(4)),
+            P + "STARTUP_CHECK_TIMEOUT": "1s",
+            P + "REDIS_OPERATION_TIMEOUT": "500ms",
+        }
+    )
+    wait_until(lambda: records(process, "worker started"), 20, "the first worker to start")
+    dedicated_redis.pause()
+    try:
+        assert process.wait_exit(timeout=30) == 1, process.output_report()
+    finally:
+        dedicated_redis.resume()
+    assert records(process, "startup check failed"), process.output_report()
+    assert all("worker" in r for r in records(process, "startup check failed"))
+    assert records(process, "worker failed at startup; stopping the service")
+    assert not records(process, "listener opened", workers=2)
+    assert not records(process, "worker died; restarting it")
+    assert not port_accepts(process.public_port)
+    assert not port_accepts(process.internal_port)
 
 
 # --------------------------------------------------------------------------- policy

@@ -190,7 +190,9 @@ class Supervisor:
         slot.ready_at = time.monotonic()
         if slot.proc is not None:
             log.info("worker ready", extra={"worker": slot.index, "pid": slot.proc.pid})
-        if not self.all_ready and all(s.ready_at is not None for s in self.slots):
+        if self.stopping or self.all_ready:
+            return
+        if all(s.ready_at is not None for s in self.slots):
             self.all_ready = True
             for name in LISTENERS:
                 log.info(

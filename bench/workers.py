@@ -11,7 +11,8 @@ The load generator (bench/loadgen.py via bench/run.py's ``drive``, in BENCH_CLIE
 processes so that one client core is not the limit) and Redis run on the same machine,
 so they take CPU from the server. The CPU time of every process is measured over each
 run: the server's (parent and workers) and Redis's from ``/proc/<pid>/stat``, the load
-generator's from ``resource.getrusage`` in each client process. The ratio is therefore
+generator's from ``resource.getrusage`` in each client process, and what the rest of the
+machine used from ``/proc/stat``. The ratio is therefore
 also given normalised by the CPU the server processes got: ``(rate(2) / cpu(2)) /
 (rate(1) / cpu(1))``, the throughput per server core with two workers relative to one
 (1.0 = two workers do twice the work when they get twice the CPU). On a shared machine
@@ -64,6 +65,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process on the machine has used so far (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
 def _client(port: int, make: Callable[[int], MakeRequest], index: int, out: Pipe) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
     stats = asyncio.run(drive(port, make(index)))
@@ -82,6 +90,7 @@ class Run:
     server_cpu: float
     loadgen_cpu: float
     redis_cpu: float
+    other_cpu: float
     errors: int
     spread: dict[int, int]
 
@@ -91,9 +100,10 @@ class Run:
 
 def load(
     port: int, make: Callable[[int], MakeRequest], server_pids: list[int], redis_pid: int
-) -> tuple[float, float, float, float, float, int]:
+) -> tuple[float, float, float, float, float, float, int]:
     """CLIENTS load processes for SECONDS; rate, elapsed and the CPU of each party."""
     context = multiprocessing.get_context("fork")
+    busy_before = machine_busy_seconds()
     server_before = sum(cpu_seconds(pid) for pid in server_pids)
     redis_before = cpu_seconds(redis_pid)
     started = time.perf_counter()
@@ -112,13 +122,16 @@ def load(
     elapsed = time.perf_counter() - started
     server = sum(cpu_seconds(pid) for pid in server_pids) - server_before
     redis_cpu = cpu_seconds(redis_pid) - redis_before
+    loadgen = sum(r["cpu"] for r in results)
+    other = max(0.0, machine_busy_seconds() - busy_before - server - redis_cpu - loadgen)
     requests = sum(r["requests"] for r in results)
     return (
         requests / elapsed,
         elapsed,
         server,
-        sum(r["cpu"] for r in results),
+        loadgen,
         redis_cpu,
+        other,
         sum(r["errors"] for r in results),
     )
 
@@ -220,7 +233,9 @@ def bench(workers: int, redis_server: RedisServer) -> list[Run]:
             ("public send-email-code", public, send, "/api/v1/public/auth/send-email-code"),
         ):
             since = len(proc.log_records())
-            rate, elapsed, server, loadgen, redis_cpu, errors = load(port, make, pids, redis_pid)
+            rate, elapsed, server, loadgen, redis_cpu, other, errors = load(
+                port, make, pids, redis_pid
+            )
             runs.append(
                 Run(
                     workers,
@@ -230,6 +245,7 @@ def bench(workers: int, redis_server: RedisServer) -> list[Run]:
                     server,
                     loadgen,
                     redis_cpu,
+                    other,
                     errors,
                     spread(proc, route, since),
                 )
@@ -243,7 +259,8 @@ def print_run(run: Run) -> None:
     print(
         f"workers={run.workers}  {run.scenario:<24} {run.rate:>8.0f} req/s   CPU cores used: "
         f"server {run.cores(run.server_cpu):.2f}, load generator {run.cores(run.loadgen_cpu):.2f}, "
-        f"redis {run.cores(run.redis_cpu):.2f}   requests per worker {shares}"
+        f"redis {run.cores(run.redis_cpu):.2f}, other processes {run.cores(run.other_cpu):.2f}"
+        f"   requests per worker {shares}"
         f"   unexpected={run.errors}",
         flush=True,
     )
@@ -252,8 +269,8 @@ def print_run(run: Run) -> None:
 def main() -> int:
     print(
         f"{SECONDS:g} s per run, {CLIENTS} load processes x {CONCURRENCY} keep-alive "
-        f"connections, {os.cpu_count()} cores shared by server, load generator and Redis "
-        "(figures indicative)"
+        f"connections, {os.cpu_count()} cores shared by server, load generator, Redis "
+        "and other processes (figures indicative)"
     )
     summary: dict[str, Any] = {"seconds": SECONDS, "clients": CLIENTS, "concurrency": CONCURRENCY}
     with RedisServer() as redis_server:
@@ -278,6 +295,7 @@ def main() -> int:
             "server_cores_2": round(b.cores(b.server_cpu), 2),
             "loadgen_cores_2": round(b.cores(b.loadgen_cpu), 2),
             "redis_cores_2": round(b.cores(b.redis_cpu), 2),
+            "other_cores_2": round(b.cores(b.other_cpu), 2),
         }
     print(json.dumps(summary))
     return 0

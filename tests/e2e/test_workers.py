@@ -151,12 +151,13 @@ def test_two_workers_serve_both_ports_and_run_a_leased_job_one_at_a_time(
     assert "worker" not in resolved[0]
 
     # The whole flow through both ports, on fresh connections from several threads,
-    # until both workers have served each listener (bounded).
+    # until both workers have served each listener (bounded: 20 s, at least one batch).
+    deadline = time.monotonic() + 20
     with ThreadPoolExecutor(4) as pool:
-        for batch in range(10):
+        for batch in range(1000):
             emails = [f"w{tag}-{batch}-{n}@example.com" for n in range(8)]
             list(pool.map(lambda email: login(process, email), emails))
-            if all(
+            if time.monotonic() > deadline or all(
                 pids_of_requests(process, name) == set(workers.values())
                 for name in ("public", "internal")
             ):

@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/timing.py
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/gateway_bench.py
+	$(BIN)/python bench/workers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

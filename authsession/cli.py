@@ -145,6 +145,10 @@ def _startup_warnings(settings: Settings) -> None:
 
 def _serve(settings: Settings) -> int:
     _startup_warnings(settings)
+    if settings.WORKERS > 1:
+        from authsession.supervisor import supervise
+
+        return supervise(settings)
     import uvloop
 
     from authsession.runner import run

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +21,7 @@ from pydantic import SecretStr
 
 from authsession import __version__
 from authsession.domain.units import format_duration
-from authsession.settings import ENV_PREFIX, ListenAddress, Settings
+from authsession.settings import ListenAddress, Settings
 
 EVENT = "resolved config"
 _SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|PRIVATE", re.IGNORECASE)
@@ -63,20 +61,8 @@ def _render(value: Any) -> Any:
     return strip_userinfo(str(value))
 
 
-def _workers(settings: Settings, environ: Mapping[str, str]) -> Any:
-    # AUTHSESSION_WORKERS is a setting of the service (CONTRACT §12); while the settings
-    # model does not read it, the process runs one worker, or says what it was given.
-    if "WORKERS" in type(settings).model_fields:
-        return _render(settings.WORKERS)  # type: ignore[attr-defined, unused-ignore]
-    raw = environ.get(f"{ENV_PREFIX}WORKERS", "").strip()
-    if not raw:
-        return 1
-    return int(raw) if raw.isdigit() else raw
-
-
-def resolved_config(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def resolved_config(settings: Settings) -> dict[str, Any]:
     """``version`` and every non-secret setting, keyed by its variable name in lower case."""
-    environ = os.environ if environ is None else environ
     fields: dict[str, Any] = {"version": __version__}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
@@ -84,7 +70,6 @@ def resolved_config(settings: Settings, environ: Mapping[str, str] | None = None
             continue
         fields[name.lower()] = _render(value)
     fields.update(_redis_url_in_force(settings))
-    fields["workers"] = _workers(settings, environ)
     return fields
 
 

@@ -4,6 +4,11 @@ One signal handler covers the whole life of the process: during the startup chec
 signal stops them (exit 0); while serving, the first signal drains both listeners and
 a second cuts the drain short; while resources close, further signals are ignored so
 that the ordered shutdown always completes.
+
+A worker of the supervisor (``authsession/supervisor.py``, ``AUTHSESSION_WORKERS`` > 1)
+runs the same code on the listening sockets its parent bound (:class:`Inherited`): it
+tells the parent when both listeners serve, and drains as on ``SIGTERM`` when the parent
+is gone.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import resource
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -47,6 +54,20 @@ class _Server(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True, slots=True)
+class Inherited:
+    """What a worker gets from its supervising parent instead of binding by itself.
+
+    ``sockets`` are the listening sockets by listener name; ``on_ready`` is called once
+    both listeners serve; ``parent_fd`` is the read end of a pipe whose write end only
+    the parent holds: end of file there means the parent is gone.
+    """
+
+    sockets: dict[str, socket.socket]
+    on_ready: Callable[[], None]
+    parent_fd: int | None = None
+
+
 class _Signals:
     """What SIGTERM/SIGINT mean at each stage of the process's life."""
 
@@ -73,6 +94,21 @@ class _Signals:
                     server.force_exit = True
             case _:
                 log.info("already closing; signal ignored", extra={"signal": name})
+
+    def parent_gone(self) -> None:
+        """The supervising parent died: stop as on a first signal (never cut short)."""
+        if self.count:
+            return
+        log.warning("the supervising parent is gone; shutting down")
+        self.count += 1
+        match self.stage:
+            case "starting":
+                self.main_task.cancel()
+            case "serving":
+                for server in self.servers:
+                    server.should_exit = True
+            case _:
+                pass
 
 
 class _OncePerProcess(logging.Filter):
@@ -120,26 +156,46 @@ def _bound(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(settings: Settings) -> int:
-    """Check the components, serve until a signal, shut down in order. The exit status."""
+async def run(settings: Settings, inherited: Inherited | None = None) -> int:
+    """Check the components, serve until a signal, shut down in order. The exit status.
+
+    With ``inherited`` (a worker), serve on the parent's sockets instead of binding; the
+    parent has logged the ``resolved config`` line already.
+    """
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
     signals = _Signals(main_task)
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, signals, signum)
+    parent_fd = inherited.parent_fd if inherited is not None else None
+    if parent_fd is not None:
+        loop.add_reader(parent_fd, _watch_parent, loop, parent_fd, signals)
     once = _OncePerProcess()
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addFilter(once)
     try:
-        return await _run(settings, signals)
+        return await _run(settings, signals, inherited)
     finally:
         uvicorn_log.removeFilter(once)
         for signum in HANDLED_SIGNALS:
             loop.remove_signal_handler(signum)
+        if parent_fd is not None:
+            loop.remove_reader(parent_fd)
 
 
-async def _run(settings: Settings, signals: _Signals) -> int:
+def _watch_parent(loop: asyncio.AbstractEventLoop, fd: int, signals: _Signals) -> None:
+    """The parent's pipe is readable: end of file (or an error) means the parent died."""
+    try:
+        data = os.read(fd, 64)
+    except OSError:
+        data = b""
+    if not data:
+        loop.remove_reader(fd)
+        signals.parent_gone()
+
+
+async def _run(settings: Settings, signals: _Signals, inherited: Inherited | None = None) -> int:
     try:
         telemetry = Telemetry()
         core = build_core(settings, telemetry=telemetry)
@@ -158,10 +214,11 @@ async def _run(settings: Settings, signals: _Signals) -> int:
                 extra={"component": exc.component, "cause": exc.cause},
             )
             return 1
-        log_resolved_config(settings)
+        if inherited is None:
+            log_resolved_config(settings)
         set_client_spans(telemetry.recording)
         _settle_memory()
-        return await _serve(core, signals)
+        return await _serve(core, signals, inherited)
     finally:
         signals.stage = "closing"
         await core.aclose()
@@ -248,14 +305,16 @@ def server_config(
     )
 
 
-async def _serve(core: Core, signals: _Signals) -> int:
+async def _serve(core: Core, signals: _Signals, inherited: Inherited | None = None) -> int:
     settings = core.settings
     listeners = {
         "public": (create_public_app(core), settings.PUBLIC_HTTP_ADDR),
         "internal": (create_internal_app(core), settings.INTERNAL_HTTP_ADDR),
     }
-    sockets: dict[str, socket.socket] = {}
+    sockets: dict[str, socket.socket] = dict(inherited.sockets) if inherited else {}
     for name, (_, address) in listeners.items():
+        if name in sockets:
+            continue
         try:
             sockets[name] = bind(address)
         except OSError as exc:
@@ -293,6 +352,8 @@ async def _serve(core: Core, signals: _Signals) -> int:
         if not all(s.started for s in servers.values()):
             for server in servers.values():
                 server.should_exit = True
+        elif inherited is not None:
+            inherited.on_ready()
         # One listener ending on its own (a crash) stops the other: a process serving
         # only one of its two APIs would look alive to its supervisor.
         await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)

@@ -32,6 +32,8 @@ from authsession.domain.units import RateLimit, parse_bool, parse_duration, pars
 
 ENV_PREFIX = "AUTHSESSION_"
 RETENTION_RULE = f"must be at least {ENV_PREFIX}CONFIRM_IDEMPOTENCY_WINDOW"
+# A bound on AUTHSESSION_WORKERS: a typo must not start thousands of processes.
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,9 @@ class Settings(BaseSettings):
     HTTP_KEEPALIVE_TIMEOUT: Duration = timedelta(seconds=5)
     HTTP_HEADER_TIMEOUT: Duration = timedelta(seconds=10)
     HTTP_MAX_CONNECTIONS: int = Field(default=1000, ge=1)
+    # Server processes sharing both listening sockets under a supervising parent; 1 = no
+    # parent, the process serves by itself.
+    WORKERS: int = Field(default=1, ge=1, le=MAX_WORKERS)
 
     REDIS_ADDR: str = "127.0.0.1:6379"
     REDIS_MODE: Literal["standalone", "sentinel", "cluster"] = "standalone"
@@ -340,6 +345,12 @@ def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
         if retention < window:
             problems[f"{ENV_PREFIX}SESSION_RETENTION"] = RETENTION_RULE
     problems.update(_redis_mode_problems(raw))
+    workers = raw("WORKERS")
+    if workers.isdigit() and int(workers) > 1 and raw("REDIS_ADDR").lower().startswith("memory://"):
+        problems[f"{ENV_PREFIX}WORKERS"] = (
+            f"must be 1 with {ENV_PREFIX}REDIS_ADDR=memory:// (the embedded store lives "
+            "in one process; workers share their state through Redis)"
+        )
     return problems
 
 

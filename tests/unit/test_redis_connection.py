@@ -319,7 +319,7 @@ def test_the_process_exits_2_on_a_bad_mode_configuration(
     for name, value in {**CLUSTER, "REDIS_DB": "3"}.items():
         monkeypatch.setenv(P + name, value)
 
-    assert cli.main() == 2
+    assert cli.main([]) == 2
 
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -43,13 +43,12 @@ def test_every_setting_but_the_secrets_is_listed_under_its_lower_case_name() -> 
             REDIS_PASSWORD=PASSWORD,
             REDIS_USERNAME="authsession",
             INTERNAL_API_TOKEN=TOKEN,
-        ),
-        environ={},
+        )
     )
 
     secret = {"REDIS_PASSWORD", "INTERNAL_API_TOKEN"}
     expected = {name.lower() for name in Settings.model_fields if name not in secret}
-    assert set(fields) == expected | {"version", "workers"}
+    assert set(fields) == expected | {"version"}
     assert fields["version"] == __version__
     assert fields["redis_addr"] == "10.1.2.3:6379"
     assert fields["redis_username"] == "authsession"
@@ -63,19 +62,12 @@ def test_every_setting_but_the_secrets_is_listed_under_its_lower_case_name() -> 
 
 def test_a_redis_url_loses_its_password_and_gives_the_database_in_force() -> None:
     fields = resolved_config(
-        settings(REDIS_ADDR=f"rediss://app:{PASSWORD}@redis.internal:6380/4", REDIS_DB=1),
-        environ={},
+        settings(REDIS_ADDR=f"rediss://app:{PASSWORD}@redis.internal:6380/4", REDIS_DB=1)
     )
 
     assert fields["redis_addr"] == "rediss://redis.internal:6380/4"
     assert fields["redis_db"] == 4
     assert fields["redis_tls_enabled"] is True
-
-
-def test_workers_come_from_the_environment_until_the_settings_read_them() -> None:
-    if "WORKERS" in Settings.model_fields:
-        pytest.skip("AUTHSESSION_WORKERS is a setting now: listed like every other")
-    assert resolved_config(settings(), environ={"AUTHSESSION_WORKERS": "4"})["workers"] == 4
 
 
 def test_the_log_line_carries_no_secret_even_by_length(caplog: pytest.LogCaptureFixture) -> None:

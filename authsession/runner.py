@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.types import ASGIApp
 
+from authsession.aio import Stopped, unless_stopped
 from authsession.http.internal import create_internal_app
 from authsession.http.protocol import (
     ConnectionLimits,
@@ -71,8 +72,10 @@ class Inherited:
 class _Signals:
     """What SIGTERM/SIGINT mean at each stage of the process's life."""
 
-    def __init__(self, main_task: asyncio.Task[int]) -> None:
-        self.main_task = main_task
+    def __init__(self) -> None:
+        # Set by a signal during the startup checks, which then stop (never by cancelling
+        # the main task: see authsession/aio.py).
+        self.stopped = asyncio.Event()
         self.stage = "starting"
         self.servers: list[_Server] = []
         self.count = 0
@@ -83,7 +86,7 @@ class _Signals:
         match self.stage:
             case "starting":
                 log.info("shutting down during the startup checks", extra={"signal": name})
-                self.main_task.cancel()
+                self.stopped.set()
             case "serving" if self.count == 1:
                 log.info("shutting down", extra={"signal": name})
                 for server in self.servers:
@@ -103,7 +106,7 @@ class _Signals:
         self.count += 1
         match self.stage:
             case "starting":
-                self.main_task.cancel()
+                self.stopped.set()
             case "serving":
                 for server in self.servers:
                     server.should_exit = True
@@ -163,9 +166,7 @@ async def run(settings: Settings, inherited: Inherited | None = None) -> int:
     parent has logged the ``resolved config`` line already.
     """
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    signals = _Signals(main_task)
+    signals = _Signals()
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, signals, signum)
     parent_fd = inherited.parent_fd if inherited is not None else None
@@ -204,9 +205,8 @@ async def _run(settings: Settings, signals: _Signals, inherited: Inherited | Non
         return 1
     try:
         try:
-            await core.check()
-        except asyncio.CancelledError:
-            signals.main_task.uncancel()
+            await unless_stopped(core.check(), signals.stopped)
+        except Stopped:
             return 0
         except StartupCheckFailed as exc:
             log.error(

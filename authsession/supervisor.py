@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from authsession.aio import Stopped, unless_stopped
 from authsession.settings import ConfigError, ListenAddress, Settings, load_settings
 from authsession.telemetry import configure_logging
 
@@ -342,9 +343,8 @@ def supervise(settings: Settings) -> int:
 
 async def _parent(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
     supervisor: Supervisor | None = None
+    stopped = asyncio.Event()
 
     def on_signal(signum: int) -> None:
         if supervisor is not None:
@@ -354,15 +354,14 @@ async def _parent(settings: Settings) -> int:
                 "shutting down during the startup checks",
                 extra={"signal": signal.Signals(signum).name},
             )
-            main_task.cancel()
+            stopped.set()
 
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         try:
-            status = await _check_once(settings)
-        except asyncio.CancelledError:
-            main_task.uncancel()
+            status = await _check_once(settings, stopped)
+        except Stopped:
             return 0
         if status:
             return status
@@ -376,8 +375,11 @@ async def _parent(settings: Settings) -> int:
             loop.remove_signal_handler(signum)
 
 
-async def _check_once(settings: Settings) -> int:
-    """The startup checks of CONTRACT §2, once, before anything is bound."""
+async def _check_once(settings: Settings, stopped: asyncio.Event) -> int:
+    """The startup checks of CONTRACT §2, once, before anything is bound.
+
+    :class:`Stopped` when ``stopped`` is set before they end.
+    """
     from authsession.resolved import log_resolved_config
     from authsession.telemetry import Telemetry
     from authsession.wiring import StartupCheckFailed, build_core
@@ -389,7 +391,7 @@ async def _check_once(settings: Settings) -> int:
         log.error("startup failed", extra={"component": "wiring", "cause": str(exc)})
         return 1
     try:
-        await core.check()
+        await unless_stopped(core.check(), stopped)
     except StartupCheckFailed as exc:
         log.error("startup check failed", extra={"component": exc.component, "cause": exc.cause})
         return 1

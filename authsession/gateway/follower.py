@@ -32,6 +32,7 @@ from typing import Any, TypeAlias
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from authsession.aio import cancel_and_wait
 from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
 from authsession.gateway.subscription import OnEnd, SessionEnd, Subscription
 
@@ -788,9 +789,7 @@ class EventFollower:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not poll.done():
-                    poll.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await poll
+                    await cancel_and_wait(poll)
                     if self._stopping.is_set():
                         return
                     self._mark_unhealthy()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import logging
@@ -21,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
+from authsession.aio import cancel_and_wait
 from authsession.domain.codes import slot_tag, tag_of_session
 from authsession.domain.errors import ServiceUnavailable
 
@@ -252,9 +252,7 @@ class PeriodicTask:
     async def stop(self) -> None:
         """Cancel the background runs and wait for them to end."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _loop(self) -> None:

@@ -163,7 +163,7 @@ def _exporter_names(signal: str) -> list[str]:
 class Telemetry:
     """The tracer and meter providers of the process, and the service's instruments.
 
-    It implements the metrics ports of the domain (``LoginMetrics``, ``Metrics``) and the
+    It implements the metrics ports of the domain (``LoginMetrics``, ``SessionMetrics``) and the
     outbound-call hook of the REST adapters.
     """
 
@@ -239,7 +239,7 @@ class Telemetry:
         """One confirm answered."""
         self._confirms.add(1, {"result": result})
 
-    # Metrics (sessions)
+    # SessionMetrics
     def session_revoked(self, reason: str) -> None:
         """One session revoked; backend-chosen reasons are counted as ``other``."""
         self._revoked.add(1, {"reason": reason if reason in KNOWN_REASONS else "other"})

@@ -51,6 +51,7 @@ from authsession.domain.ports import (
     AttemptOutcome,
     AttemptResult,
     Clock,
+    Confirmation,
     CreateOutcome,
     CreateResult,
     ExtendResult,
@@ -277,13 +278,10 @@ class FakeChallengeStore(Faulty):
     async def confirm(
         self,
         challenge_id: str,
+        confirmation: Confirmation,
         *,
         now: datetime,
         max_attempts: int,
-        device_session_id: str,
-        session_token: str,
-        user_id: str,
-        expires_at: datetime,
         retention: timedelta,
     ) -> Challenge | None:
         """``challenge_confirm.lua``: ``sent`` → ``confirmed_pending_expire`` at most once."""
@@ -300,12 +298,12 @@ class FakeChallengeStore(Faulty):
         record = replace(
             record,
             status=ChallengeStatus.CONFIRMED_PENDING_EXPIRE,
-            device_session_id=device_session_id,
-            session_token=session_token,
-            user_id=user_id,
-            expires_at=ms(expires_at),
+            device_session_id=confirmation.device_session_id,
+            session_token=confirmation.session_token,
+            user_id=confirmation.user_id,
+            expires_at=ms(confirmation.expires_at),
         )
-        self._update(record, expires_at + retention)
+        self._update(record, confirmation.expires_at + retention)
         return record
 
 
@@ -428,7 +426,7 @@ class FakeSessionStore(Faulty):
         return list(self._index.get(user_id, {}))
 
     async def revoke(
-        self, device_session_id: str, reason: str, now: datetime, retention: timedelta
+        self, device_session_id: str, reason: str, now: datetime
     ) -> tuple[Session, bool] | None:
         """``session_revoke.lua``: the first revocation wins and bumps the version."""
         await self._step("revoke")
@@ -515,11 +513,8 @@ class FakeFailureBudget(Faulty):
         self._members = _ExpiringMap(clock)
         self._serial = 0
 
-    async def count(
-        self, subject: str, now: datetime, window: timedelta, scope: Scope = "email"
-    ) -> int:
-        """Failures scored after ``now - window`` (``ZCOUNT (since +inf``)."""
-        await self._step("count")
+    def held(self, subject: str, now: datetime, window: timedelta, scope: Scope = "email") -> int:
+        """Inspection for tests: the failures scored after ``now - window``."""
         email_hash = _scoped(subject, scope)
         since = to_epoch_ms(now - window)
         members: list[tuple[int, str]] = self._members.get(email_hash) or []
@@ -917,6 +912,7 @@ def make_world(
 
 if TYPE_CHECKING:  # mypy proves that every fake satisfies its port.
     from authsession.domain.ports import (
+        BlockMarkers,
         ChallengeStore,
         ConfigProvider,
         FailureBudget,
@@ -927,7 +923,6 @@ if TYPE_CHECKING:  # mypy proves that every fake satisfies its port.
         SessionStore,
         UserDirectory,
     )
-    from authsession.domain.sessions import BlockMarkers
 
     def _ports(clock: FixedClock) -> Sequence[object]:
         c: Clock = clock

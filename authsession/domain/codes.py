@@ -30,11 +30,6 @@ def code_hmac(salt: str, code: str) -> str:
     return hmac.new(bytes.fromhex(salt), code.encode("ascii"), hashlib.sha256).hexdigest()
 
 
-def code_matches(salt: str, code: str, expected_hmac: str) -> bool:
-    """Constant-time check of a code against its stored HMAC."""
-    return hmac.compare_digest(code_hmac(salt, code), expected_hmac)
-
-
 def new_id() -> str:
     """An opaque URL-safe identifier with 192 bits from the CSPRNG (32 characters)."""
     return secrets.token_urlsafe(24)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Protocol
 
 from authsession.domain import codes
 from authsession.domain.email import email_hash, mask_email, normalize_email
@@ -30,8 +29,10 @@ from authsession.domain.ports import (
     ChallengeStore,
     Clock,
     ConfigProvider,
+    Confirmation,
     FailureBudget,
     LoginCodeMessage,
+    LoginMetrics,
     MailSender,
     ResendThrottle,
     Scope,
@@ -41,18 +42,6 @@ from authsession.domain.ports import (
 from authsession.domain.sessions import ClientInfo, SessionService
 
 log = logging.getLogger("authsession.login")
-
-
-class LoginMetrics(Protocol):
-    """The counters the login use cases report."""
-
-    def challenge(self, status: str) -> None:
-        """One challenge created (or its delivery outcome)."""
-        ...
-
-    def confirm(self, result: str) -> None:
-        """One confirm answered (``created``, ``replayed``, or an error code)."""
-        ...
 
 
 class NoLoginMetrics:
@@ -334,14 +323,17 @@ class LoginService:
         config = self._config.current()
         now = self._clock.now()
         device_session_id = codes.new_session_id(user_id)
-        confirmed = await self._challenges.confirm(
-            challenge.challenge_id,
-            now=now,
-            max_attempts=config.max_confirm_attempts,
+        confirmation = Confirmation(
             device_session_id=device_session_id,
             session_token=codes.new_session_token(device_session_id),
             user_id=user_id,
             expires_at=now + self._fixed.confirm_idempotency_window,
+        )
+        confirmed = await self._challenges.confirm(
+            challenge.challenge_id,
+            confirmation,
+            now=now,
+            max_attempts=config.max_confirm_attempts,
             retention=self._fixed.challenge_retention,
         )
         if confirmed is None:

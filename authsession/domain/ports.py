@@ -53,6 +53,17 @@ class AttemptOutcome:
     challenge: Challenge | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """What :meth:`ChallengeStore.confirm` writes into the challenge it confirms."""
+
+    device_session_id: str
+    session_token: str
+    user_id: str
+    # The end of the idempotency window, the challenge's new ``expires_at``.
+    expires_at: datetime
+
+
 class ChallengeStore(Component, Protocol):
     """Login challenges (``<prefix>challenge:<id>``)."""
 
@@ -77,16 +88,15 @@ class ChallengeStore(Component, Protocol):
     async def confirm(
         self,
         challenge_id: str,
+        confirmation: Confirmation,
         *,
         now: datetime,
         max_attempts: int,
-        device_session_id: str,
-        session_token: str,
-        user_id: str,
-        expires_at: datetime,
         retention: timedelta,
     ) -> Challenge | None:
         """Atomically move a ``sent`` challenge to ``confirmed_pending_expire``.
+
+        The record keeps ``retention`` past the confirmation's ``expires_at``.
 
         Returns the confirmed challenge: ours, or the one a concurrent confirm won with.
         ``None`` when the challenge can no longer be confirmed (gone, expired, exhausted).
@@ -115,12 +125,6 @@ class ResendThrottle(Component, Protocol):
 
 class FailureBudget(Component, Protocol):
     """Wrong codes per normalized e-mail, and per user, over a rolling hour."""
-
-    async def count(
-        self, subject: str, now: datetime, window: timedelta, scope: Scope = "email"
-    ) -> int:
-        """Failures recorded within ``window`` before ``now``."""
-        ...
 
     async def reserve(
         self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope = "email"
@@ -189,7 +193,7 @@ class SessionStore(Component, Protocol):
         ...
 
     async def revoke(
-        self, device_session_id: str, reason: str, now: datetime, retention: timedelta
+        self, device_session_id: str, reason: str, now: datetime
     ) -> tuple[Session, bool] | None:
         """Revoke (idempotent); the session and whether this call revoked it, or ``None``."""
         ...
@@ -240,6 +244,42 @@ class ProjectionPublisher(Component, Protocol):
         (CONTRACT §12/§9). ``None`` when there is no snapshot; ``UNCHANGED`` when it is
         revoked already.
         """
+        ...
+
+
+class BlockMarkers(Protocol):
+    """Recent user blocks, so that a code mailed before a block cannot open a session."""
+
+    async def mark_user_blocked(self, user_id: str, ttl: timedelta) -> None:
+        """Remember the block for ``ttl``."""
+        ...
+
+    async def is_user_blocked(self, user_id: str) -> bool:
+        """Whether a block is remembered."""
+        ...
+
+
+class SessionMetrics(Protocol):
+    """The counters the session use cases report."""
+
+    def session_revoked(self, reason: str) -> None:
+        """One session revoked."""
+        ...
+
+    def projection_published(self, result: str) -> None:
+        """One projection publication (``written``/``unchanged``/``stale``/``error``)."""
+        ...
+
+
+class LoginMetrics(Protocol):
+    """The counters the login use cases report."""
+
+    def challenge(self, status: str) -> None:
+        """One challenge created (or its delivery outcome)."""
+        ...
+
+    def confirm(self, result: str) -> None:
+        """One confirm answered (``created``, ``replayed``, or an error code)."""
         ...
 
 

@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Protocol
+from typing import Literal
 
 from authsession.domain.codes import split_session_token, token_sha256
 from authsession.domain.errors import (
@@ -25,12 +25,14 @@ from authsession.domain.errors import (
 from authsession.domain.model import FixedConfig, Session
 from authsession.domain.ports import (
     AppendPolicy,
+    BlockMarkers,
     Clock,
     ConfigProvider,
     CreateResult,
     ExtendResult,
     ProjectionPublisher,
     PublishResult,
+    SessionMetrics,
     SessionStore,
     UserDirectory,
 )
@@ -50,30 +52,6 @@ REASON_PATTERN = r"^[a-z0-9_.-]{1,64}$"
 _REASON_RE = re.compile(REASON_PATTERN)
 
 StatusFilter = Literal["active", "revoked", "expired", "all"]
-
-
-class BlockMarkers(Protocol):
-    """Recent user blocks, so that a code mailed before a block cannot open a session."""
-
-    async def mark_user_blocked(self, user_id: str, ttl: timedelta) -> None:
-        """Remember the block for ``ttl``."""
-        ...
-
-    async def is_user_blocked(self, user_id: str) -> bool:
-        """Whether a block is remembered."""
-        ...
-
-
-class Metrics(Protocol):
-    """The counters the session use cases report."""
-
-    def session_revoked(self, reason: str) -> None:
-        """One session revoked."""
-        ...
-
-    def projection_published(self, result: str) -> None:
-        """One projection publication (``written``/``unchanged``/``stale``/``error``)."""
-        ...
 
 
 class NoMetrics:
@@ -107,7 +85,7 @@ class SessionService:
         blocks: BlockMarkers,
         clock: Clock,
         fixed: FixedConfig,
-        metrics: Metrics | None = None,
+        metrics: SessionMetrics | None = None,
     ) -> None:
         self._store = store
         self._projection = projection
@@ -294,9 +272,7 @@ class SessionService:
         self, device_session_id: str, reason: str
     ) -> tuple[Session, bool]:
         now = self._clock.now()
-        outcome = await self._store.revoke(
-            device_session_id, reason, now, self._fixed.session_retention
-        )
+        outcome = await self._store.revoke(device_session_id, reason, now)
         if outcome is None:
             # No record: if the projection still has an active snapshot (the record was
             # lost), take that token back before answering 404.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 from authsession.domain.model import Challenge, ChallengeStatus
-from authsession.domain.ports import AttemptOutcome, AttemptResult, Clock
+from authsession.domain.ports import AttemptOutcome, AttemptResult, Clock, Confirmation
 from authsession.domain.units import format_time, parse_time, to_epoch_ms
 from authsession.redis.base import (
     Keys,
@@ -21,7 +20,6 @@ from authsession.redis.base import (
     redis_call,
 )
 
-log = logging.getLogger("authsession.challenges")
 SCRUB_BATCH = 500
 
 
@@ -120,13 +118,10 @@ class RedisChallengeStore(RedisComponent):
     async def confirm(
         self,
         challenge_id: str,
+        confirmation: Confirmation,
         *,
         now: datetime,
         max_attempts: int,
-        device_session_id: str,
-        session_token: str,
-        user_id: str,
-        expires_at: datetime,
         retention: timedelta,
     ) -> Challenge | None:
         """See ``scripts/challenge_confirm.lua``.
@@ -135,6 +130,7 @@ class RedisChallengeStore(RedisComponent):
         that then is not confirmed is harmless, while a confirm whose scheduling failed
         would keep its token for the whole retention.
         """
+        expires_at = confirmation.expires_at
         await self._redis.zadd(
             self._keys.token_scrub(), {challenge_id: to_epoch_ms(expires_at)}, nx=True
         )
@@ -143,9 +139,9 @@ class RedisChallengeStore(RedisComponent):
             args=[
                 format_time(now),
                 max_attempts,
-                device_session_id,
-                session_token,
-                user_id,
+                confirmation.device_session_id,
+                confirmation.session_token,
+                confirmation.user_id,
                 format_time(expires_at),
                 to_epoch_ms(expires_at + retention),
             ],

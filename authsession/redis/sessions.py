@@ -168,7 +168,7 @@ class RedisSessionStore(RedisComponent):
 
     @redis_call
     async def revoke(
-        self, device_session_id: str, reason: str, now: datetime, retention: timedelta
+        self, device_session_id: str, reason: str, now: datetime
     ) -> tuple[Session, bool] | None:
         """See ``scripts/session_revoke.lua``; the key keeps its expiry."""
         reply = await self._revoke(

@@ -96,14 +96,6 @@ class RedisFailureBudget(RedisComponent):
         )
 
     @redis_call
-    async def count(
-        self, subject: str, now: datetime, window: timedelta, scope: Scope = "email"
-    ) -> int:
-        """Failures in ``(now - window, now]``."""
-        since = to_epoch_ms(now - window)
-        return int(await self._redis.zcount(self._key(subject, scope), f"({since}", "+inf"))
-
-    @redis_call
     async def reserve(
         self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope = "email"
     ) -> str | None:

@@ -34,7 +34,7 @@ async def test_a_listener_ending_without_a_signal_stops_the_other_and_fails(
         return await original(self, sockets=sockets)
 
     monkeypatch.setattr(runner._Server, "serve", serve)
-    signals = runner._Signals(asyncio.current_task())  # type: ignore[arg-type]
+    signals = runner._Signals()
     try:
         status = await asyncio.wait_for(runner._serve(core, signals), timeout=10)
     finally:

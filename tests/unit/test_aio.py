@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -11,10 +12,8 @@ from authsession.aio import Stopped, cancel_and_wait, unless_stopped
 
 async def _swallows_first_cancel(cleaned: list[str]) -> str:
     """What redis-py's ``wait_for`` does now and then: the first cancel() is dropped."""
-    try:
+    with contextlib.suppress(asyncio.CancelledError):  # lost, as in the race
         await asyncio.sleep(30)
-    except asyncio.CancelledError:
-        pass  # lost, as in the race
     try:
         await asyncio.sleep(30)
     finally:

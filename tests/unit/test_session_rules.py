@@ -18,6 +18,7 @@ from authsession.domain.errors import (
     UserNotFound,
 )
 from authsession.domain.model import Challenge, ChallengeStatus, Session, SessionStatus
+from authsession.domain.ports import Confirmation
 from authsession.domain.sessions import StatusFilter
 from tests.fakes import FakeChallengeStore, FakeUsers, FakeWorld, FixedClock, make_world
 
@@ -471,27 +472,17 @@ class BlockDuringConfirm(FakeChallengeStore):
     async def confirm(
         self,
         challenge_id: str,
+        confirmation: Confirmation,
         *,
         now: datetime,
         max_attempts: int,
-        device_session_id: str,
-        session_token: str,
-        user_id: str,
-        expires_at: datetime,
         retention: timedelta,
     ) -> Challenge | None:
         result = await super().confirm(
-            challenge_id,
-            now=now,
-            max_attempts=max_attempts,
-            device_session_id=device_session_id,
-            session_token=session_token,
-            user_id=user_id,
-            expires_at=expires_at,
-            retention=retention,
+            challenge_id, confirmation, now=now, max_attempts=max_attempts, retention=retention
         )
         assert self.world is not None
-        assert await self.world.sessions.block_user(user_id) == []
+        assert await self.world.sessions.block_user(confirmation.user_id) == []
         return result
 
 

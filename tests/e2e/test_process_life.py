@@ -18,6 +18,7 @@ import pytest
 
 from tests.contract import SEND
 from tests.support.fake_services import FakeMailService, FakeUserService
+from tests.support.lifecycle import wait_until
 from tests.support.net import LOOPBACK, free_port, port_accepts
 from tests.support.process import AuthsessionFactory, AuthsessionProcess
 from tests.support.redis_server import RedisServer
@@ -43,36 +44,6 @@ Record = dict[str, Any]
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def records(process: AuthsessionProcess, event: str, **fields: Any) -> list[Record]:
-    return [
-        r
-        for r in process.log_records()
-        if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
-    ]
-
-
-def wait_for_record(
-    process: AuthsessionProcess, event: str, timeout: float = 10.0, **fields: Any
-) -> Record:
-    found = wait_until(
-        lambda: records(process, event, **fields),
-        timeout,
-        f"log record {event!r} {fields} in\n{process.output_report()}",
-    )
-    return dict(found[0])
-
-
 def record_index(process: AuthsessionProcess, predicate: Callable[[Record], bool]) -> int:
     for index, record in enumerate(process.log_records()):
         if predicate(record):
@@ -85,21 +56,21 @@ def timestamp(record: Record) -> datetime:
 
 
 def assert_no_listener(process: AuthsessionProcess) -> None:
-    assert not records(process, "listener opened"), process.output_report()
+    assert not process.records("listener opened"), process.output_report()
     assert not port_accepts(process.public_port)
     assert not port_accepts(process.internal_port)
 
 
 def assert_listeners_opened(process: AuthsessionProcess) -> None:
     for name, port in (("public", process.public_port), ("internal", process.internal_port)):
-        record = wait_for_record(process, "listener opened", listener=name)
+        record = process.wait_for_record("listener opened", listener=name)
         assert record["address"] == f"{LOOPBACK}:{port}", record
         assert record["level"] == "info"
 
 
 def assert_listeners_stopped(process: AuthsessionProcess) -> None:
     for name in ("public", "internal"):
-        assert records(process, "listener stopped", listener=name), process.output_report()
+        assert process.records("listener stopped", listener=name), process.output_report()
 
 
 def rest_env(users: FakeUserService, mail: FakeMailService, timeout: str = "5s") -> dict[str, str]:
@@ -156,7 +127,7 @@ def test_invalid_configuration_exits_2_with_one_stderr_line(
     for name in names:
         assert name in lines[0], (name, lines[0])
     assert_no_listener(process)
-    assert not records(process, "startup check failed")
+    assert not process.records("startup check failed")
 
 
 def test_bad_duration_line_says_why(authsession_process: AuthsessionFactory) -> None:
@@ -265,7 +236,7 @@ def test_signal_during_startup_checks_exits_0(
     process.send_signal(sig)
     assert process.wait_exit(timeout=10) == 0, process.output_report()
     assert_no_listener(process)
-    assert records(process, "resources closed"), process.output_report()
+    assert process.records("resources closed"), process.output_report()
 
 
 # --------------------------------------------------------------------------- serving
@@ -298,7 +269,7 @@ def test_both_listeners_open_and_stub_modes_warn(
     process.terminate()
     assert process.wait_exit() == 0
     assert_listeners_stopped(process)
-    assert records(process, "shutting down", signal="SIGTERM")
+    assert process.records("shutting down", signal="SIGTERM")
 
 
 def test_memory_store_mode_serves(authsession_process: AuthsessionFactory) -> None:
@@ -335,7 +306,7 @@ def test_sigint_exits_0(authsession_process: AuthsessionFactory, redis_server: R
     process.send_signal(signal.SIGINT)
     assert process.wait_exit() == 0, process.output_report()
     assert_listeners_stopped(process)
-    assert records(process, "shutting down", signal="SIGINT")
+    assert process.records("shutting down", signal="SIGINT")
     assert not process.stderr_text().strip(), process.stderr_text()
 
 
@@ -401,7 +372,7 @@ def test_sigterm_lets_the_in_flight_request_finish(
         for n in ("public", "internal")
     ]
     assert signalled < served < min(stopped), process.output_report()
-    assert records(process, "request", route=SEND)[0]["status"] == 200
+    assert process.records("request", route=SEND)[0]["status"] == 200
 
 
 def test_second_signal_cuts_the_drain_short(
@@ -427,7 +398,7 @@ def test_second_signal_cuts_the_drain_short(
     ):
         future = _start_slow_request(pool, client, fake_user_service, "stuck@example.com")
         process.terminate()
-        wait_for_record(process, "shutting down")
+        process.wait_for_record("shutting down")
         wait_until(lambda: not port_accepts(process.public_port), 5, "the public listener to close")
         assert process.is_running(), "the first signal alone must wait for the request"
         process.terminate()

@@ -9,7 +9,6 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from authsession.supervisor import MAX_CONSECUTIVE_CRASHES, RESTART_DELAYS, RestartPolicy
 from tests.contract import CONFIRM, INTERNAL, SEND
 from tests.support.fake_services import FakeMailService, FakeUserService
+from tests.support.lifecycle import wait_until
 from tests.support.net import free_port, port_accepts
 from tests.support.process import AuthsessionFactory, AuthsessionProcess
 from tests.support.redis_server import RedisServer
@@ -34,34 +34,15 @@ Record = dict[str, Any]
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def records(process: AuthsessionProcess, event: str, **fields: Any) -> list[Record]:
-    return [
-        r
-        for r in process.log_records()
-        if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
-    ]
-
-
 def serving(process: AuthsessionProcess, workers: int = 2) -> dict[int, int]:
     """Wait for the parent's ``listener opened`` lines; the pid of each worker slot."""
     for name in ("public", "internal"):
         wait_until(
-            lambda n=name: records(process, "listener opened", listener=n, workers=workers),
+            lambda n=name: process.records("listener opened", listener=n, workers=workers),
             30,
             f"the parent's listener opened line for {name}\n{process.output_report()}",
         )
-    ready = {r["worker"]: r["pid"] for r in records(process, "worker ready")}
+    ready = {r["worker"]: r["pid"] for r in process.records("worker ready")}
     assert sorted(ready) == list(range(1, workers + 1)), process.output_report()
     assert process.pid not in ready.values()
     return ready
@@ -80,7 +61,7 @@ def worker_env(redis_server: RedisServer, tag: str, **extra: str) -> dict[str, s
 
 def code_for(process: AuthsessionProcess, challenge_id: str) -> str:
     found = wait_until(
-        lambda: records(process, STUB_MAIL_EVENT, challenge_id=challenge_id),
+        lambda: process.records(STUB_MAIL_EVENT, challenge_id=challenge_id),
         10,
         f"the stub mail line of {challenge_id}",
     )
@@ -109,7 +90,7 @@ def login(process: AuthsessionProcess, email: str) -> dict[str, Any]:
 
 
 def pids_of_requests(process: AuthsessionProcess, listener: str) -> set[int]:
-    return {r["pid"] for r in records(process, "request", listener=listener)}
+    return {r["pid"] for r in process.records("request", listener=listener)}
 
 
 def local_ports(pid: int) -> set[int]:
@@ -145,7 +126,7 @@ def test_two_workers_serve_both_ports_and_run_a_leased_job_one_at_a_time(
         worker_env(redis_server, tag, PROJECTION_RECONCILE_INTERVAL="100ms")
     )
     workers = serving(process)
-    resolved = records(process, "resolved config")
+    resolved = process.records("resolved config")
     assert len(resolved) == 1, "the parent logs the resolved config once"
     assert resolved[0]["workers"] == 2
     assert "worker" not in resolved[0]
@@ -208,17 +189,17 @@ def test_a_killed_worker_is_restarted_and_a_killed_parent_stops_the_workers(
     # is up, then by either.
     answered: list[int] = []
     deadline = time.monotonic() + 30
-    while not records(process, "worker ready", worker=1)[1:]:
+    while not process.records("worker ready", worker=1)[1:]:
         assert time.monotonic() < deadline, process.output_report()
         answered.append(login(process, f"k{tag}-{len(answered)}@example.com")["version"])
     assert answered, "requests were served while the worker was being restarted"
 
-    died = records(process, "worker died; restarting it", worker=1)
+    died = process.records("worker died; restarting it", worker=1)
     assert len(died) == 1, process.output_report()
     assert died[0]["pid"] == workers[1]
     assert died[0]["status"] == "killed by SIGKILL"
     assert died[0]["restart_in"] == 0
-    restarted = records(process, "worker ready", worker=1)[1]["pid"]
+    restarted = process.records("worker ready", worker=1)[1]["pid"]
     assert restarted not in workers.values()
     assert process.is_running()
     login(process, f"k{tag}-after@example.com")
@@ -233,7 +214,7 @@ def test_a_killed_worker_is_restarted_and_a_killed_parent_stops_the_workers(
         20,
         f"the workers to exit\n{process.output_report()}",
     )
-    gone = records(process, "the supervising parent is gone; shutting down")
+    gone = process.records("the supervising parent is gone; shutting down")
     assert {r["pid"] for r in gone} == alive
     assert not port_accepts(process.public_port)
     assert not port_accepts(process.internal_port)
@@ -290,14 +271,14 @@ def test_sigterm_drains_the_in_flight_requests_of_every_worker(
     assert process.wait_exit() == 0, process.output_report()
     for pid in workers.values():
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
-    exited = {r["pid"]: r["status"] for r in records(process, "worker exited")}
+    exited = {r["pid"]: r["status"] for r in process.records("worker exited")}
     assert exited == {pid: "exit 0" for pid in workers.values()}
-    served = {r["pid"] for r in records(process, "request", route=SEND)}
+    served = {r["pid"] for r in process.records("request", route=SEND)}
     assert served <= set(workers.values())
     for name in ("public", "internal"):
-        assert records(process, "listener stopped", listener=name, workers=2)
+        assert process.records("listener stopped", listener=name, workers=2)
         stopped = {
-            r["pid"] for r in records(process, "listener stopped", listener=name) if "worker" in r
+            r["pid"] for r in process.records("listener stopped", listener=name) if "worker" in r
         }
         assert set(workers.values()) <= stopped
 
@@ -339,11 +320,11 @@ def test_a_failed_startup_check_exits_1_with_no_listener_and_no_worker(
         {P + "WORKERS": "2", P + "REDIS_ADDR": f"127.0.0.1:{free_port()}"}
     )
     assert process.wait_exit() == 1, process.output_report()
-    failed = records(process, "startup check failed")
+    failed = process.records("startup check failed")
     assert failed, process.output_report()
     assert failed[0]["component"] == "challenge_store"
-    assert not records(process, "worker started")
-    assert not records(process, "listener opened")
+    assert not process.records("worker started")
+    assert not process.records("listener opened")
     assert not port_accepts(process.public_port)
 
 
@@ -358,17 +339,17 @@ def test_a_worker_failing_at_startup_stops_the_service_with_1(
             P + "REDIS_OPERATION_TIMEOUT": "500ms",
         }
     )
-    wait_until(lambda: records(process, "worker started"), 20, "the first worker to start")
+    wait_until(lambda: process.records("worker started"), 20, "the first worker to start")
     dedicated_redis.pause()
     try:
         assert process.wait_exit(timeout=30) == 1, process.output_report()
     finally:
         dedicated_redis.resume()
-    assert records(process, "startup check failed"), process.output_report()
-    assert all("worker" in r for r in records(process, "startup check failed"))
-    assert records(process, "worker failed at startup; stopping the service")
-    assert not records(process, "listener opened", workers=2)
-    assert not records(process, "worker died; restarting it")
+    assert process.records("startup check failed"), process.output_report()
+    assert all("worker" in r for r in process.records("startup check failed"))
+    assert process.records("worker failed at startup; stopping the service")
+    assert not process.records("listener opened", workers=2)
+    assert not process.records("worker died; restarting it")
     assert not port_accepts(process.public_port)
     assert not port_accepts(process.internal_port)
 

@@ -16,10 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, ClassVar, Self
 from urllib.parse import unquote, urlsplit
 
+from tests.support.lifecycle import Managed
 from tests.support.net import LOOPBACK
 
 _NO_BODY = object()
@@ -80,7 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
 
 
-class FakeHTTPService:
+class FakeHTTPService(Managed):
     """Common machinery: lifecycle, recording, fault injection. Subclasses implement
     :meth:`route`."""
 
@@ -133,17 +133,6 @@ class FakeHTTPService:
         if thread is not None:
             thread.join(timeout=5)
         self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ faults
     def fail_with(self, status: int, times: int | None = None, body: Any = _NO_BODY) -> None:

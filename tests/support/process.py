@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -15,9 +14,9 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, Self
 
+from tests.support.lifecycle import ExitCleanup, Managed, wait_until
 from tests.support.net import LOOPBACK, port_accepts
 
 READY_TIMEOUT = 15.0
@@ -65,7 +64,7 @@ def port_of(addr: str) -> int:
     return int(port)
 
 
-class AuthsessionProcess:
+class AuthsessionProcess(Managed):
     """The ``authsession`` process with a caller-given environment.
 
     ``env`` is merged over :func:`base_env` (PATH, HOME, PYTHONUNBUFFERED=1, locale) and
@@ -130,7 +129,7 @@ class AuthsessionProcess:
         with self._lock:
             if self._proc is not None:
                 raise AuthsessionProcessError("the process was already started")
-            _register(self)
+            _LIVE.add(self)
             argv = self.argv
             if self.max_open_files is not None:
                 argv = [sys.executable, "-c", _LIMIT_FILES, str(self.max_open_files), *argv]
@@ -215,7 +214,11 @@ class AuthsessionProcess:
         self.kill()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        _unregister(self)
+        _LIVE.discard(self)
+
+    def stop(self) -> None:
+        """The same as :meth:`close` (the end of a ``with`` block)."""
+        self.close()
 
     # ------------------------------------------------------------------ output
     def stdout_text(self) -> str:
@@ -239,6 +242,23 @@ class AuthsessionProcess:
                 records.append(value)
         return records
 
+    def records(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The log records of ``event`` whose fields have the given values."""
+        return [
+            r
+            for r in self.log_records()
+            if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+        ]
+
+    def wait_for_record(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """The first such record, waiting up to ``timeout`` for it to be logged."""
+        found = wait_until(
+            lambda: self.records(event, **fields),
+            timeout,
+            f"log record {event!r} {fields} in\n{self.output_report()}",
+        )
+        return dict(found[0])
+
     def output_report(self, limit: int = 20_000) -> str:
         """stdout and stderr, each cut to its last ``limit`` characters, for error messages."""
         parts = []
@@ -247,18 +267,6 @@ class AuthsessionProcess:
                 text = "[...]" + text[-limit:]
             parts.append(f"----- {name} -----\n{text}")
         return "\n".join(parts)
-
-    # ------------------------------------------------------------------ context manager
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
@@ -292,24 +300,4 @@ def _read(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------- exit cleanup
-_LIVE: set[AuthsessionProcess] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _register(process: AuthsessionProcess) -> None:
-    with _LIVE_LOCK:
-        _LIVE.add(process)
-
-
-def _unregister(process: AuthsessionProcess) -> None:
-    with _LIVE_LOCK:
-        _LIVE.discard(process)
-
-
-@atexit.register
-def _kill_all() -> None:
-    with _LIVE_LOCK:
-        processes = list(_LIVE)
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.close()
+_LIVE: ExitCleanup[AuthsessionProcess] = ExitCleanup(AuthsessionProcess.close)

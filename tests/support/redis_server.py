@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import os
@@ -15,13 +14,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.support.lifecycle import ExitCleanup, Managed
 from tests.support.net import LOOPBACK, free_port
 
 START_TIMEOUT = 10.0
@@ -62,7 +61,7 @@ def _option_value(args: Sequence[str], option: str) -> str | None:
     return value
 
 
-class RedisServer:
+class RedisServer(Managed):
     """One ``redis-server`` process bound to ``127.0.0.1`` on a free port.
 
     Persistence is off (``--save "" --appendonly no``), so a restart loses all data.
@@ -138,7 +137,7 @@ class RedisServer:
                 raise RedisServerError(f"redis-server already running on {self.addr}")
             if self._dir is None:
                 self._dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
-            _register(self)
+            _LIVE.add(self)
             attempts = 1 if self._fixed_port else _PORT_RETRIES
             for attempt in range(1, attempts + 1):
                 if self._port is None:
@@ -162,7 +161,7 @@ class RedisServer:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
-            _unregister(self)
+            _LIVE.discard(self)
 
     def kill(self) -> None:
         """SIGKILL the server (simulates a crash); ``restart()`` brings it back."""
@@ -239,18 +238,6 @@ class RedisServer:
     def ping(self, timeout: float = 1.0) -> bool:
         """True if the server answers a RESP reply right now (works without credentials)."""
         return _raw_ping(self.host, self.port, timeout)
-
-    # ------------------------------------------------------------------ context manager
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -356,25 +343,9 @@ def _raw_ping(host: str, port: int, timeout: float) -> bool:
 
 
 # ---------------------------------------------------------------------- exit cleanup
-_LIVE: set[RedisServer] = set()
-_LIVE_LOCK = threading.Lock()
+def _crash_and_stop(server: RedisServer) -> None:
+    server.kill()
+    server.stop()
 
 
-def _register(server: RedisServer) -> None:
-    with _LIVE_LOCK:
-        _LIVE.add(server)
-
-
-def _unregister(server: RedisServer) -> None:
-    with _LIVE_LOCK:
-        _LIVE.discard(server)
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.kill()
-            server.stop()
+_LIVE: ExitCleanup[RedisServer] = ExitCleanup(_crash_and_stop)

@@ -20,7 +20,6 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import redis
@@ -28,6 +27,7 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.support.lifecycle import Managed
 from tests.support.net import LOOPBACK, free_port
 from tests.support.redis_server import RedisServer, RedisServerError, find_redis_server
 
@@ -136,7 +136,7 @@ class SentinelServer(RedisServer):
         return _client(self.host, self.port)
 
 
-class SentinelTopology:
+class SentinelTopology(Managed):
     """A master (plus an optional replica) watched by ``sentinels`` sentinels."""
 
     def __init__(
@@ -271,17 +271,6 @@ class SentinelTopology:
                         return False
         return True
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------- cluster
 CLUSTER_SLOTS = 16384
@@ -289,7 +278,7 @@ CLUSTER_BUS_OFFSET = 10000
 _PORT_ATTEMPTS = 5
 
 
-class ClusterTopology:
+class ClusterTopology(Managed):
     """Three (or more) cluster masters, no replicas, every slot assigned."""
 
     def __init__(self, masters: int = 3, *, node_timeout_ms: int = 5000) -> None:
@@ -402,17 +391,6 @@ class ClusterTopology:
                 if int(info.get("cluster_slots_ok", 0)) != CLUSTER_SLOTS:
                     return False
         return True
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _port_with_free_bus() -> int:

@@ -303,11 +303,8 @@ def main() -> int:
         f"{CONCURRENCY} connections"
     )
     with RedisServer() as redis_server:
-        public, internal = free_port(), free_port()
         env = {
             "AUTHSESSION_REDIS_ADDR": redis_server.addr,
-            "AUTHSESSION_PUBLIC_HTTP_ADDR": f"127.0.0.1:{public}",
-            "AUTHSESSION_INTERNAL_HTTP_ADDR": f"127.0.0.1:{internal}",
             "AUTHSESSION_LOG_FORMAT": "json",
             "AUTHSESSION_RESEND_COOLDOWN": "1ms",
         }
@@ -316,7 +313,7 @@ def main() -> int:
             "GATEWAY_SESSION_KEY_PREFIX": PREFIX,
             "GATEWAY_SESSION_EVENTS_STREAM": STREAM,
         }
-        with AuthsessionProcess(env, public_port=public, internal_port=internal) as proc:
+        with AuthsessionProcess.on_free_ports(env) as proc:
             proc.wait_ready()
             started = time.monotonic()
             sessions = asyncio.run(login_many(proc, CLIENTS + 1))

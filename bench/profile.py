@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import Connection, Reply  # noqa: E402
 from bench.run import codes_from, drive  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
 from tests.support.process import AuthsessionProcess  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -106,16 +105,13 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     tables: dict[str, collections.Counter[str]] = {}
     with RedisServer() as redis_server:
-        public, internal = free_port(), free_port()
         env = {
             "AUTHSESSION_REDIS_ADDR": redis_server.addr,
-            "AUTHSESSION_PUBLIC_HTTP_ADDR": f"127.0.0.1:{public}",
-            "AUTHSESSION_INTERNAL_HTTP_ADDR": f"127.0.0.1:{internal}",
             "AUTHSESSION_SEND_EMAIL_CODE_MIN_DURATION": "0",
             "AUTHSESSION_MAX_FAILED_CONFIRMS_PER_EMAIL": "1000000",
             "AUTHSESSION_PROJECTION_RECONCILE_INTERVAL": "0",
         }
-        with AuthsessionProcess(env, public_port=public, internal_port=internal) as proc:
+        with AuthsessionProcess.on_free_ports(env) as proc:
             proc.wait_ready()
 
             def profile(name: str) -> None:

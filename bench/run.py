@@ -293,11 +293,8 @@ def table(bench: Bench, memory: list[str]) -> None:
 def main() -> int:
     with RedisServer() as redis_server:
         sync = redis_server.client()
-        public, internal = free_port(), free_port()
         env = {
             "AUTHSESSION_REDIS_ADDR": redis_server.addr,
-            "AUTHSESSION_PUBLIC_HTTP_ADDR": f"127.0.0.1:{public}",
-            "AUTHSESSION_INTERNAL_HTTP_ADDR": f"127.0.0.1:{internal}",
             "AUTHSESSION_LOG_FORMAT": "json",
             "AUTHSESSION_SEND_EMAIL_CODE_MIN_DURATION": "0",
             "AUTHSESSION_MAX_FAILED_CONFIRMS_PER_EMAIL": "1000000",
@@ -314,7 +311,7 @@ def main() -> int:
         )
         try:
             wait_port(floor_port)
-            with AuthsessionProcess(env, public_port=public, internal_port=internal) as proc:
+            with AuthsessionProcess.on_free_ports(env) as proc:
                 proc.wait_ready()
                 bench = Bench(proc, floor_port, floor.pid, sync)
                 memory = asyncio.run(bench.run())

@@ -45,7 +45,6 @@ import httpx  # noqa: E402
 
 from bench.loadgen import Connection, Reply  # noqa: E402
 from bench.run import CONCURRENCY, SECONDS, drive  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
 from tests.support.process import AuthsessionProcess  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -74,10 +73,10 @@ def machine_busy_seconds() -> float:
 
 def _client(port: int, make: Callable[[int], MakeRequest], index: int, out: Pipe) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
-    stats = asyncio.run(drive(port, make(index)))
+    result = asyncio.run(drive(f"client {index}", port, make(index)))
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    out.send({"requests": stats["requests"], "errors": stats["errors"], "cpu": cpu})
+    out.send({"requests": result.requests, "errors": result.errors, "cpu": cpu})
     out.close()
 
 
@@ -186,14 +185,11 @@ def spread(proc: AuthsessionProcess, route: str, since: int) -> dict[int, int]:
 
 
 def bench(workers: int, redis_server: RedisServer) -> list[Run]:
-    public, internal = free_port(), free_port()
     run_id = f"{os.getpid()}-{workers}"
     env = {
         "AUTHSESSION_WORKERS": str(workers),
         "AUTHSESSION_REDIS_ADDR": redis_server.addr,
         "AUTHSESSION_REDIS_KEY_PREFIX": f"bench-{run_id}:",
-        "AUTHSESSION_PUBLIC_HTTP_ADDR": f"127.0.0.1:{public}",
-        "AUTHSESSION_INTERNAL_HTTP_ADDR": f"127.0.0.1:{internal}",
         "AUTHSESSION_LOG_FORMAT": "json",
         "AUTHSESSION_SEND_EMAIL_CODE_MIN_DURATION": "0",
         "AUTHSESSION_MAIL_SERVICE_MODE": "stub",
@@ -202,7 +198,7 @@ def bench(workers: int, redis_server: RedisServer) -> list[Run]:
     redis_pid = redis_server.pid
     assert redis_pid is not None
     runs = []
-    with AuthsessionProcess(env, public_port=public, internal_port=internal) as proc:
+    with AuthsessionProcess.on_free_ports(env) as proc:
         pids = wait_serving(proc, workers)
         sessions = make_sessions(proc, run_id)
 
@@ -226,11 +222,16 @@ def bench(workers: int, redis_server: RedisServer) -> list[Run]:
         for scenario, port, make, route in (
             (
                 "internal get session",
-                internal,
+                proc.internal_port,
                 read,
                 "/api/v1/internal/sessions/{device_session_id}",
             ),
-            ("public send-email-code", public, send, "/api/v1/public/auth/send-email-code"),
+            (
+                "public send-email-code",
+                proc.public_port,
+                send,
+                "/api/v1/public/auth/send-email-code",
+            ),
         ):
             since = len(proc.log_records())
             rate, elapsed, server, loadgen, redis_cpu, other, errors = load(

@@ -10,13 +10,8 @@ import pytest
 import redis
 
 from tests.support.fake_services import FakeMailService, FakeUserService
-from tests.support.net import LOOPBACK, free_ports
-from tests.support.process import AuthsessionFactory, AuthsessionProcess, port_of
+from tests.support.process import AuthsessionFactory, AuthsessionProcess
 from tests.support.redis_server import RedisServer
-
-PUBLIC_ADDR_VAR = "AUTHSESSION_PUBLIC_HTTP_ADDR"
-INTERNAL_ADDR_VAR = "AUTHSESSION_INTERNAL_HTTP_ADDR"
-LOG_FORMAT_VAR = "AUTHSESSION_LOG_FORMAT"
 
 
 # --------------------------------------------------------------------------- Redis
@@ -81,15 +76,8 @@ def authsession_process(tmp_path: Path) -> Iterator[AuthsessionFactory]:
         argv: Sequence[str] | None = None,
         max_open_files: int | None = None,
     ) -> AuthsessionProcess:
-        full_env = dict(env)
-        public, internal = free_ports(2)
-        full_env.setdefault(PUBLIC_ADDR_VAR, f"{LOOPBACK}:{public}")
-        full_env.setdefault(INTERNAL_ADDR_VAR, f"{LOOPBACK}:{internal}")
-        full_env.setdefault(LOG_FORMAT_VAR, "json")
-        process = AuthsessionProcess(
-            full_env,
-            public_port=port_of(full_env[PUBLIC_ADDR_VAR]),
-            internal_port=port_of(full_env[INTERNAL_ADDR_VAR]),
+        process = AuthsessionProcess.on_free_ports(
+            env,
             argv=argv,
             workdir=tmp_path / f"authsession-{next(counter)}",
             max_open_files=max_open_files,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -29,6 +29,7 @@ from tests.gateway.conftest import (
     Issued,
     Publish,
     async_client,
+    eventually,
     issue,
     publisher_on,
 )
@@ -46,16 +47,6 @@ async def running(follower: EventFollower) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         follower.stop()
         await asyncio.wait_for(task, timeout=5)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> float:
-    """Wait until ``check()`` holds; the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
 
 
 def version_status(follower: EventFollower, device_session_id: str) -> tuple[int, str] | None:

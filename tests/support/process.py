@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 
 from tests.support.lifecycle import ExitCleanup, Managed, wait_until
-from tests.support.net import LOOPBACK, port_accepts
+from tests.support.net import LOOPBACK, free_ports, port_accepts
 
 READY_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
@@ -54,6 +54,10 @@ def base_env() -> dict[str, str]:
 # Defaults the tests run the process with unless they say otherwise: the send-email-code
 # timing floor (250 ms) would only slow every test down; the tests of the floor set it.
 TEST_DEFAULTS = {"AUTHSESSION_SEND_EMAIL_CODE_MIN_DURATION": "0"}
+
+
+PUBLIC_ADDR_VAR = "AUTHSESSION_PUBLIC_HTTP_ADDR"
+INTERNAL_ADDR_VAR = "AUTHSESSION_INTERNAL_HTTP_ADDR"
 
 
 def port_of(addr: str) -> int:
@@ -101,6 +105,22 @@ class AuthsessionProcess(Managed):
         self.stderr_path = self.workdir / "stderr.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def on_free_ports(cls, env: Mapping[str, str], **options: Any) -> Self:
+        """The process on two free loopback ports (unless ``env`` names its listeners),
+        logging JSON unless ``env`` says otherwise; ``options`` as for the constructor."""
+        full_env = dict(env)
+        public, internal = free_ports(2)
+        full_env.setdefault(PUBLIC_ADDR_VAR, f"{LOOPBACK}:{public}")
+        full_env.setdefault(INTERNAL_ADDR_VAR, f"{LOOPBACK}:{internal}")
+        full_env.setdefault("AUTHSESSION_LOG_FORMAT", "json")
+        return cls(
+            full_env,
+            public_port=port_of(full_env[PUBLIC_ADDR_VAR]),
+            internal_port=port_of(full_env[INTERNAL_ADDR_VAR]),
+            **options,
+        )
 
     # ------------------------------------------------------------------ urls
     @property

@@ -38,6 +38,13 @@ async def issue(app: AppEnv, mail: FakeMail, email: str = "jane@example.com") ->
     return body["challenge_id"], mail.code_for(body["challenge_id"])
 
 
+async def with_jane(make_app: AppFactory, **config: Any) -> tuple[AppEnv, FakeMail]:
+    """An app on which jane@example.com is the existing user ``usr-jane``; its mailbox."""
+    mail = FakeMail()
+    app = await make_app(users=FakeUsers({"jane@example.com": "usr-jane"}), mail=mail, **config)
+    return app, mail
+
+
 async def confirm(app: AppEnv, challenge_id: str, code: str, **extra: Any) -> httpx.Response:
     return await app.public.post(
         CONFIRM, json={"challenge_id": challenge_id, "code": code, **extra}
@@ -136,13 +143,7 @@ async def test_wrong_codes_count_down_attempts_then_429_even_with_the_right_code
 async def test_hourly_per_email_budget_spans_challenges_and_a_new_code_does_not_reset_it(
     make_app: AppFactory,
 ) -> None:
-    mail = FakeMail()
-    app = await make_app(
-        users=FakeUsers({"jane@example.com": "usr-jane"}),
-        mail=mail,
-        MAX_FAILED_CONFIRMS_PER_EMAIL=3,
-        RESEND_COOLDOWN="1ms",
-    )
+    app, mail = await with_jane(make_app, MAX_FAILED_CONFIRMS_PER_EMAIL=3, RESEND_COOLDOWN="1ms")
     first, first_code = await issue(app, mail)
     for _ in range(2):
         assert_error(await confirm(app, first, other_code(first_code)), 400, "invalid_code")
@@ -183,12 +184,7 @@ async def test_rule_1_comes_before_rule_2_expired_and_exhausted_is_410(
 async def test_rule_2_comes_before_rule_3_replay_with_exhausted_budget_is_429(
     make_app: AppFactory,
 ) -> None:
-    mail = FakeMail()
-    app = await make_app(
-        users=FakeUsers({"jane@example.com": "usr-jane"}),
-        mail=mail,
-        MAX_FAILED_CONFIRMS_PER_EMAIL=2,
-    )
+    app, mail = await with_jane(make_app, MAX_FAILED_CONFIRMS_PER_EMAIL=2)
     challenge_id, code = await issue(app, mail)
     assert (await confirm(app, challenge_id, code)).status_code == 200
     for _ in range(2):
@@ -486,12 +482,7 @@ async def test_concurrent_wrong_codes_get_at_most_max_attempts_evaluations(
 async def test_concurrent_wrong_codes_do_not_overshoot_the_per_email_budget(
     make_app: AppFactory,
 ) -> None:
-    mail = FakeMail()
-    app = await make_app(
-        users=FakeUsers({"jane@example.com": "usr-jane"}),
-        mail=mail,
-        MAX_FAILED_CONFIRMS_PER_EMAIL=2,
-    )
+    app, mail = await with_jane(make_app, MAX_FAILED_CONFIRMS_PER_EMAIL=2)
     challenge_id, code = await issue(app, mail)
     wrong = other_code(code)
 

@@ -204,7 +204,24 @@ async def test_resolve_fails_after_the_second_failure(
     warnings = _records(logs, logging.WARNING)
     assert len(warnings) == 1
     assert warnings[0].__dict__["attempts"] == 2
+    (retry,) = _records(logs, logging.INFO)
+    assert retry.getMessage() == "outbound call failed, retrying"
+    assert retry.__dict__["attempt"] == 1
+    assert retry.__dict__["operation"] == "resolve_by_email"
     _assert_no_email(logs)
+
+
+async def test_a_failure_that_is_not_retried_counts_one_attempt(
+    router: respx.MockRouter, users: RestUserDirectory, logs: pytest.LogCaptureFixture
+) -> None:
+    router.post(RESOLVE).respond(500)
+
+    with pytest.raises(ServiceUnavailable):
+        await users.resolve_by_email(EMAIL)
+
+    (record,) = _records(logs, logging.WARNING)
+    assert record.__dict__["attempts"] == 1
+    assert _records(logs, logging.INFO) == []
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 409, 429, 500, 501, 301])
@@ -544,6 +561,8 @@ async def test_a_transport_failure_logs_the_exception_class(
     (record,) = _records(logs, logging.WARNING)
     assert record.__dict__["exception"] == "ConnectError"
     assert "status" not in record.__dict__
+    # A call that is never retried does not count its tries.
+    assert "attempts" not in record.__dict__
 
 
 # --- hook and client -----------------------------------------------------------------

@@ -39,7 +39,3 @@ class RestMailSender:
             headers={"Idempotency-Key": message.challenge_id},
             parse=expect_success,
         )
-
-    async def aclose(self) -> None:
-        """Close the HTTP client this sender was given (at shutdown)."""
-        await self._caller.client.aclose()

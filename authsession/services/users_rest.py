@@ -156,7 +156,3 @@ class RestUserDirectory:
         )
         if not found:
             raise UserNotFound()
-
-    async def aclose(self) -> None:
-        """Close the HTTP client this directory was given (at shutdown)."""
-        await self._caller.client.aclose()

@@ -8,6 +8,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
+from authsession.domain.codes import USER_ID_PATTERN
 from authsession.domain.errors import UserNotFound
 from authsession.domain.ports import UserResolution, UserStatus
 from authsession.services.http_client import (
@@ -21,9 +22,7 @@ SERVICE = "user_service"
 # Reads are tried twice (one retry, CONTRACT §8/§12); repeating a read is safe.
 _READ_ATTEMPTS = 2
 
-UserId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")
-]
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 
 
 class _Known(BaseModel):

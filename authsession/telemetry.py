@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -9,10 +10,10 @@ import os
 import re
 import sys
 import threading
-import traceback
 from datetime import UTC, datetime
 from typing import Any
 
+import pythonjsonlogger.json
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -83,28 +84,63 @@ def _trace_id() -> str | None:
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
-class JsonFormatter(logging.Formatter):
-    """``timestamp``, ``level``, ``event``, ``logger``, ``request_id``, ``trace_id``, extras."""
+class MaskingFilter(logging.Filter):
+    """Masks addresses and redacts secrets in a record's message and extras before it is written.
 
-    def format(self, record: logging.LogRecord) -> str:
-        """Render one record as one line of JSON."""
-        entry: dict[str, Any] = {
-            "timestamp": format_time(datetime.fromtimestamp(record.created, UTC)),
-            "level": record.levelname.lower(),
-            "event": _mask_addresses(record.getMessage()),
-            "logger": record.name,
-            "request_id": request_id_var.get(),
-            "trace_id": _trace_id(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_") and key not in entry:
-                entry[key] = _clean(record, key, value)
-        if record.exc_info and record.exc_info[0] is not None:
-            entry["exception"] = _mask_addresses(
-                "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            )
-        # Anything json cannot encode is rendered with str(), then masked like the rest.
-        return json.dumps(entry, default=lambda o: _mask_addresses(str(o)), ensure_ascii=False)
+    It rewrites the record in place: the one handler of the process carries it, so nothing
+    downstream sees an address either.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Scrub ``record``; never drops one."""
+        # A message that does not format is left as it is: the formatter fails on it again and
+        # logging reports that through handleError, where raising here would reach the caller.
+        with contextlib.suppress(Exception):
+            record.msg = _mask_addresses(record.getMessage())
+            record.args = None
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD and not key.startswith("_"):
+                record.__dict__[key] = _clean(record, key, value)
+        return True
+
+
+# Output keys taken from the record itself; an extra of the same name never replaces them.
+_HEAD = ("timestamp", "level", "event", "logger", "request_id", "trace_id")
+
+
+class JsonFormatter(pythonjsonlogger.json.JsonFormatter):
+    """``timestamp``, ``level``, ``event``, ``logger``, ``request_id``, ``trace_id``, extras.
+
+    Write records through :class:`MaskingFilter` (``log_handler`` does): the formatter masks
+    only what it renders itself, tracebacks and objects ``json`` cannot encode.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            [],
+            reserved_attrs=[*_STANDARD, *_HEAD],
+            # Anything json cannot encode is rendered with str(), then masked like the rest.
+            json_default=lambda o: _mask_addresses(str(o)),
+            json_ensure_ascii=False,
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        """The fixed head first, then the extras, then the traceback as ``exception``."""
+        log_data.update(
+            timestamp=format_time(datetime.fromtimestamp(record.created, UTC)),
+            level=record.levelname.lower(),
+            event=record.message,
+            logger=record.name,
+            request_id=request_id_var.get(),
+            trace_id=_trace_id(),
+        )
+        super().add_fields(log_data, record, message_dict)
+        formatted = log_data.pop("exc_info", None)
+        log_data.pop("stack_info", None)
+        if formatted is not None and record.exc_info and record.exc_info[0] is not None:
+            log_data["exception"] = _mask_addresses(str(formatted).rstrip())
 
 
 class ConsoleFormatter(JsonFormatter):
@@ -119,12 +155,18 @@ class ConsoleFormatter(JsonFormatter):
         return f"{head} {rest}".rstrip()
 
 
+def log_handler(fmt: str) -> logging.Handler:
+    """The handler of the process: masking, then one ``json`` or ``console`` line on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(MaskingFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    return handler
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Send every log record, uvicorn's included, to stdout in one format."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(fmt)]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)

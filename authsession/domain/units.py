@@ -16,7 +16,9 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
-# ASCII digits only: \d and float() would also take other scripts' digits.
+# ASCII digits only: \d and float() would also take other scripts' digits. durationpy, the
+# ready-made Go-duration parser, is not used for that reason and because it also takes
+# d/w/mm/y units and spaces between the parts ("1h 30m"), which the contract rejects.
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 
 

@@ -1,18 +1,20 @@
 """Outbound HTTP plumbing shared by the REST adapters (CONTRACT §8).
 
 One :class:`httpx.AsyncClient` per service, made by :func:`create_client` at startup and
-closed at shutdown. Every call goes through :class:`ServiceCaller`, which gives it a
-CLIENT span with a W3C ``traceparent`` header, a whole-request deadline, a duration for
-the ``on_result`` hook, and a classification of what went wrong (:class:`OutboundFailure`)
-that the adapters turn into ``ServiceUnavailable`` and log exactly once.
+closed at shutdown. Every call goes through :class:`ServiceCaller`, which gives each
+attempt a CLIENT span with a W3C ``traceparent`` header, a whole-request deadline and a
+duration for the ``on_result`` hook, classifies what went wrong (:class:`OutboundFailure`),
+retries where the caller allows it, and turns the failure that ends the call into
+``ServiceUnavailable``, logged exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Literal, TypeVar
 
@@ -20,6 +22,13 @@ import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import TypeAdapter, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_none,
+)
 
 from authsession.domain.errors import ServiceUnavailable
 
@@ -225,8 +234,19 @@ class OutboundFailure(Exception):
         return ServiceUnavailable(self.service, self.cause)
 
 
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, OutboundFailure) and exc.retryable
+
+
+def _log_retry(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(failure, OutboundFailure):
+        # The retry may still succeed, so this is not yet a failure of the login.
+        failure.log(logging.INFO, "outbound call failed, retrying", attempt=state.attempt_number)
+
+
 class ServiceCaller:
-    """Makes the calls of one outbound service: traced, bounded, timed and classified."""
+    """Makes the calls of one outbound service: traced, bounded, timed, retried, logged."""
 
     def __init__(
         self, client: httpx.AsyncClient, service: str, on_result: OnResult | None = None
@@ -240,45 +260,70 @@ class ServiceCaller:
         operation: str,
         *,
         route: str,
-        path: str,
         body: Mapping[str, object] | None,
         parse: Callable[[httpx.Response], T],
+        path: str | None = None,
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
+        attempts: int = 1,
     ) -> T:
-        """One attempt: send, then ``parse`` the answer; raises ``OutboundFailure``, never logs."""
+        """Send, then ``parse`` the answer; up to ``attempts`` tries while failures are retryable.
+
+        ``path`` defaults to ``route`` (a route without parameters). Each retried failure is
+        an info line; the failure that ends the call is logged once, at warning, and raised
+        as ``ServiceUnavailable``.
+        """
+        send = functools.partial(
+            send_json,
+            self.client,
+            service=self.service,
+            method=method,
+            path=route if path is None else path,
+            route=route,
+            body=body,
+            headers=headers,
+        )
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_none(),
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            result: T = await retrying(self._attempt, operation, send, parse)
+        except OutboundFailure as failure:
+            # Only a call that may be retried says how many tries it took.
+            tries = {"attempts": retrying.statistics["attempt_number"]} if attempts > 1 else {}
+            failure.log(logging.WARNING, **tries)
+            raise failure.unavailable() from failure
+        return result
+
+    async def _attempt(
+        self,
+        operation: str,
+        send: Callable[[], Awaitable[httpx.Response]],
+        parse: Callable[[httpx.Response], T],
+    ) -> T:
+        """One attempt, reported to ``on_result``; raises ``OutboundFailure``, never logs."""
         started = time.perf_counter()
         try:
-            result = await self._attempt(
-                operation, started, route, path, body, parse, headers, method
-            )
+            result = await self._classified(operation, started, send, parse)
         except OutboundFailure as failure:
             self._record("error", failure.duration)
             raise
         self._record("ok", time.perf_counter() - started)
         return result
 
-    async def _attempt(
+    async def _classified(
         self,
         operation: str,
         started: float,
-        route: str,
-        path: str,
-        body: Mapping[str, object] | None,
+        send: Callable[[], Awaitable[httpx.Response]],
         parse: Callable[[httpx.Response], T],
-        headers: Mapping[str, str] | None,
-        method: str,
     ) -> T:
         try:
-            response = await send_json(
-                self.client,
-                service=self.service,
-                method=method,
-                path=path,
-                route=route,
-                body=body,
-                headers=headers,
-            )
+            response = await send()
         except TimeoutError as exc:
             budget = request_budget(self.client)
             raise self._failure(

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import httpx
 
 from authsession.domain.ports import LoginCodeMessage
 from authsession.domain.units import format_time
 from authsession.services.http_client import (
     OnResult,
-    OutboundFailure,
     ServiceCaller,
     expect_success,
 )
@@ -29,25 +26,16 @@ class RestMailSender:
         # No retry here: a timed-out send may still have been delivered, and a second mail
         # with the same code is worse than asking the user to press "resend". The
         # Idempotency-Key lets the mail service drop duplicates of a retry from elsewhere.
-        try:
-            await self._caller.call(
-                "send_login_code",
-                route="/api/v1/mail/login-code",
-                path="/api/v1/mail/login-code",
-                body={
-                    "email": message.email,
-                    "code": message.code,
-                    "challenge_id": message.challenge_id,
-                    "expires_at": format_time(message.expires_at),
-                    "locale": message.locale,
-                },
-                headers={"Idempotency-Key": message.challenge_id},
-                parse=expect_success,
-            )
-        except OutboundFailure as failure:
-            failure.log(logging.WARNING)
-            raise failure.unavailable() from failure
-
-    async def aclose(self) -> None:
-        """Close the HTTP client this sender was given (at shutdown)."""
-        await self._caller.client.aclose()
+        await self._caller.call(
+            "send_login_code",
+            route="/api/v1/mail/login-code",
+            body={
+                "email": message.email,
+                "code": message.code,
+                "challenge_id": message.challenge_id,
+                "expires_at": format_time(message.expires_at),
+                "locale": message.locale,
+            },
+            headers={"Idempotency-Key": message.challenge_id},
+            parse=expect_success,
+        )

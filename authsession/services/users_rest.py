@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_none,
-)
 
+from authsession.domain.codes import USER_ID_PATTERN
 from authsession.domain.errors import UserNotFound
 from authsession.domain.ports import UserResolution, UserStatus
 from authsession.services.http_client import (
     OnResult,
-    OutboundFailure,
     ServiceCaller,
     UnexpectedResponse,
     expect_json,
 )
 
 SERVICE = "user_service"
-T = TypeVar("T")
+# Reads are tried twice (one retry, CONTRACT §8/§12); repeating a read is safe.
+_READ_ATTEMPTS = 2
 
-UserId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")
-]
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 
 
 class _Known(BaseModel):
@@ -114,17 +104,6 @@ def _user_path_segment(user_id: str) -> str:
     return segment
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, OutboundFailure) and exc.retryable
-
-
-def _log_retry(state: RetryCallState) -> None:
-    failure = state.outcome.exception() if state.outcome is not None else None
-    if isinstance(failure, OutboundFailure):
-        # The retry may still succeed, so this is not yet a failure of the login.
-        failure.log(logging.INFO, "outbound call failed, retrying", attempt=state.attempt_number)
-
-
 class RestUserDirectory:
     """:class:`~authsession.domain.ports.UserDirectory` over the user service's REST API."""
 
@@ -135,92 +114,44 @@ class RestUserDirectory:
         """``existing``/``unknown``/``blocked``; retried once on transport errors, 502/503/504."""
         # Resolving is a read, so repeating it is safe; ensure and block are not retried
         # because a lost answer to a write could be mistaken for "not done".
-        return await self._read(
+        return await self._caller.call(
             "resolve_by_email",
             route="/api/v1/users/resolve-by-email",
-            path="/api/v1/users/resolve-by-email",
             body={"email": email},
             parse=_parse_resolved,
+            attempts=_READ_ATTEMPTS,
         )
 
     async def user_status(self, user_id: str) -> UserStatus | None:
         """``GET /api/v1/users/{user_id}``: ``active``/``blocked``, ``None`` for 404;
         retried like ``resolve-by-email`` (a read)."""
-        return await self._read(
+        return await self._caller.call(
             "user_status",
             route="/api/v1/users/{user_id}",
             path=f"/api/v1/users/{_user_path_segment(user_id)}",
             body=None,
             parse=_parse_status,
             method="GET",
+            attempts=_READ_ATTEMPTS,
         )
-
-    async def _read(
-        self,
-        operation: str,
-        *,
-        route: str,
-        path: str,
-        body: Mapping[str, object] | None,
-        parse: Callable[[httpx.Response], T],
-        method: str = "POST",
-    ) -> T:
-        """One read of the user service, retried once on transport errors, 502/503/504."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(2),
-            wait=wait_none(),
-            retry=retry_if_exception(_is_retryable),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
-        attempts = 0
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    return await self._caller.call(
-                        operation,
-                        route=route,
-                        path=path,
-                        body=body,
-                        parse=parse,
-                        method=method,
-                    )
-        except OutboundFailure as failure:
-            failure.log(logging.WARNING, attempts=attempts)
-            raise failure.unavailable() from failure
-        raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def ensure(self, email: str) -> UserResolution:
         """The user of an e-mail, created if needed: ``existing``/``created``/``blocked``."""
-        try:
-            return await self._caller.call(
-                "ensure",
-                route="/api/v1/users/ensure",
-                path="/api/v1/users/ensure",
-                body={"email": email},
-                parse=_parse_ensured,
-            )
-        except OutboundFailure as failure:
-            failure.log(logging.WARNING)
-            raise failure.unavailable() from failure
+        return await self._caller.call(
+            "ensure",
+            route="/api/v1/users/ensure",
+            body={"email": email},
+            parse=_parse_ensured,
+        )
 
     async def block(self, user_id: str, reason: str) -> None:
         """Block a user; ``UserNotFound`` when the service answers 404."""
-        try:
-            found = await self._caller.call(
-                "block",
-                route="/api/v1/users/{user_id}/block",
-                path=f"/api/v1/users/{_user_path_segment(user_id)}/block",
-                body={"reason": reason},
-                parse=_parse_blocked,
-            )
-        except OutboundFailure as failure:
-            failure.log(logging.WARNING)
-            raise failure.unavailable() from failure
+        found = await self._caller.call(
+            "block",
+            route="/api/v1/users/{user_id}/block",
+            path=f"/api/v1/users/{_user_path_segment(user_id)}/block",
+            body={"reason": reason},
+            parse=_parse_blocked,
+        )
         if not found:
             raise UserNotFound()
-
-    async def aclose(self) -> None:
-        """Close the HTTP client this directory was given (at shutdown)."""
-        await self._caller.client.aclose()

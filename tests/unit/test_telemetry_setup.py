@@ -66,11 +66,14 @@ def _format(msg: str, **extra: object) -> dict[str, object]:
     import json
     import logging
 
-    from authsession.telemetry import JsonFormatter
+    from authsession.telemetry import log_handler
 
     record = logging.LogRecord("authsession.x", logging.INFO, __file__, 1, msg, None, None)
     record.__dict__.update(extra)
-    parsed: dict[str, object] = json.loads(JsonFormatter().format(record))
+    # Through the process's own handler: its filter masks, its formatter renders.
+    handler = log_handler("json")
+    assert handler.filter(record)
+    parsed: dict[str, object] = json.loads(handler.format(record))
     return parsed
 
 
@@ -139,3 +142,45 @@ def test_addresses_nested_in_lists_dicts_and_objects_are_masked() -> None:
         assert local not in text, entry
     assert entry["detail"] == {"owner": "c***@corp", "token": "[redacted]"}
     assert entry["thing"] == "opaque j***@corp"
+
+
+def test_a_traceback_is_masked_and_written_after_the_extras() -> None:
+    import logging
+    import sys
+
+    from authsession.telemetry import log_handler
+
+    try:
+        raise ValueError("boom for jane.doe@corp")
+    except ValueError:
+        record = logging.LogRecord(
+            "authsession.x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info()
+        )
+    record.__dict__["service"] = "user_service"
+    handler = log_handler("json")
+    assert handler.filter(record)
+    entry = json.loads(handler.format(record))
+    assert list(entry)[:6] == ["timestamp", "level", "event", "logger", "request_id", "trace_id"]
+    assert list(entry)[-2:] == ["service", "exception"]
+    assert "ValueError: boom for j***@corp" in entry["exception"]
+    assert "jane.doe@" not in entry["exception"]
+    # The record keeps its exception for any other consumer of it.
+    assert record.exc_info is not None
+
+
+def test_a_message_that_does_not_format_never_raises_at_the_call_site(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from authsession.telemetry import log_handler
+
+    logger = logging.getLogger("authsession.test.badformat")
+    logger.propagate = False
+    logger.handlers[:] = [log_handler("json")]
+    try:
+        logger.warning("%d widgets", "many")
+    finally:
+        logger.handlers[:] = []
+        logger.propagate = True
+    assert "--- Logging error ---" in capsys.readouterr().err

@@ -74,6 +74,9 @@ def test_parse_duration_does_not_read_ms_as_minutes() -> None:
         "2seconds",
         "1d",
         "1w",
+        "1y",
+        "2mm",
+        "\u0661s",  # ARABIC-INDIC DIGIT ONE: digits are ASCII only
         "PT5S",
         "abc",
         "1h30",

@@ -204,7 +204,24 @@ async def test_resolve_fails_after_the_second_failure(
     warnings = _records(logs, logging.WARNING)
     assert len(warnings) == 1
     assert warnings[0].__dict__["attempts"] == 2
+    (retry,) = _records(logs, logging.INFO)
+    assert retry.getMessage() == "outbound call failed, retrying"
+    assert retry.__dict__["attempt"] == 1
+    assert retry.__dict__["operation"] == "resolve_by_email"
     _assert_no_email(logs)
+
+
+async def test_a_failure_that_is_not_retried_counts_one_attempt(
+    router: respx.MockRouter, users: RestUserDirectory, logs: pytest.LogCaptureFixture
+) -> None:
+    router.post(RESOLVE).respond(500)
+
+    with pytest.raises(ServiceUnavailable):
+        await users.resolve_by_email(EMAIL)
+
+    (record,) = _records(logs, logging.WARNING)
+    assert record.__dict__["attempts"] == 1
+    assert _records(logs, logging.INFO) == []
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 409, 429, 500, 501, 301])
@@ -487,7 +504,7 @@ async def test_resolve_deadline_covers_the_whole_request_and_is_retried_once() -
         with pytest.raises(ServiceUnavailable) as caught:
             await users.resolve_by_email(EMAIL)
     finally:
-        await users.aclose()
+        await client.aclose()
 
     elapsed = time.perf_counter() - started
     # Two attempts of 0.1 s each, far from the 5 s the transport would take.
@@ -505,7 +522,7 @@ async def test_ensure_deadline_is_not_retried() -> None:
         with pytest.raises(ServiceUnavailable):
             await users.ensure(EMAIL)
     finally:
-        await users.aclose()
+        await client.aclose()
 
     assert time.perf_counter() - started < 0.6
     assert transport.calls == 1
@@ -544,6 +561,8 @@ async def test_a_transport_failure_logs_the_exception_class(
     (record,) = _records(logs, logging.WARNING)
     assert record.__dict__["exception"] == "ConnectError"
     assert "status" not in record.__dict__
+    # A call that is never retried does not count its tries.
+    assert "attempts" not in record.__dict__
 
 
 # --- hook and client -----------------------------------------------------------------
@@ -559,12 +578,6 @@ async def test_a_broken_on_result_hook_does_not_fail_the_call(
     router.post(RESOLVE).respond(200, json={"outcome": "unknown"})
 
     assert await users.resolve_by_email(EMAIL) == UserResolution("unknown")
-
-
-async def test_aclose_closes_the_client(client: httpx.AsyncClient) -> None:
-    await RestUserDirectory(client).aclose()
-
-    assert client.is_closed
 
 
 async def test_create_client_keeps_the_base_path() -> None:

@@ -42,6 +42,7 @@ from authsession.domain.model import (
     Challenge,
     ChallengeStatus,
     FixedConfig,
+    RevokeReason,
     RuntimeConfig,
     Session,
     Snapshot,
@@ -658,7 +659,7 @@ class FakeProjection(Faulty):
         held.update(
             status="revoked",
             revoked_at=format_time(now),
-            revoke_reason="source_lost",
+            revoke_reason=RevokeReason.SOURCE_LOST,
             version=version,
             published_at=format_time(now),
         )

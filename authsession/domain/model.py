@@ -29,6 +29,16 @@ class SessionStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class RevokeReason(StrEnum):
+    """The revoke reasons the service itself gives (callers may give their own)."""
+
+    REVOKED_BY_BACKEND = "revoked_by_backend"
+    USER_BLOCKED = "user_blocked"
+    SESSION_LIMIT = "session_limit"
+    SOURCE_LOST = "source_lost"
+    LOGOUT = "logout"
+
+
 @dataclass(frozen=True, slots=True)
 class Challenge:
     """One login challenge as kept in the source of truth."""

@@ -19,12 +19,11 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from authsession.domain.errors import ServiceUnavailable
-from authsession.domain.model import Session, Snapshot
+from authsession.domain.model import RevokeReason, Session, Snapshot
 from authsession.domain.ports import AppendPolicy, PublishResult
 from authsession.domain.units import format_time, parse_time, to_epoch_ms
 from authsession.redis.base import Keys, RedisClient, RedisComponent, load_script, traced
 
-SOURCE_LOST = "source_lost"
 DEFAULT_PREFIX = "authsession:"
 _ERRORS = (RedisError, RedisClusterException, OSError, ValueError, KeyError, TypeError)
 
@@ -93,7 +92,7 @@ class RedisProjectionPublisher(RedisComponent):
             document.update(
                 status="revoked",
                 revoked_at=format_time(now),
-                revoke_reason=SOURCE_LOST,
+                revoke_reason=RevokeReason.SOURCE_LOST,
                 version=version,
                 published_at=format_time(now),
             )

@@ -33,8 +33,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from authsession.aio import cancel_and_wait
-from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
 from authsession.gateway.subscription import OnEnd, SessionEnd, Subscription
+from authsession.projection_codec import EVENT_KIND, SessionSnapshot, SnapshotError
 
 log = logging.getLogger("authsession.gateway")
 
@@ -582,7 +582,7 @@ class EventFollower:
 
     def _event_snapshot(self, entry_id: str, fields: dict[str, str]) -> SessionSnapshot | None:
         # Other event kinds may be added to the stream later; skip, don't fail.
-        if fields.get("event") != "session_snapshot":
+        if fields.get("event") != EVENT_KIND:
             self.ignored += 1
             return None
         try:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 from redis.asyncio import Redis
 
-from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
+from authsession.projection_codec import SessionSnapshot, SnapshotError
 
 log = logging.getLogger("authsession.gateway")
 

@@ -1,5 +1,5 @@
-"""The gateway projection's wire format (CONTRACT §9): the snapshot document and the
-fields of its stream event.
+"""The gateway projection's wire format (CONTRACT §9): the snapshot document, the fields
+of its stream event, and the default key prefix and stream that gateways share.
 
 The service writes it and the gateway library reads it, so this module depends on the
 standard library only (and the domain's time format, which is pure).
@@ -15,6 +15,8 @@ from typing import Any
 
 from authsession.domain.units import format_time
 
+DEFAULT_KEY_PREFIX = "gateway:session:"
+DEFAULT_EVENTS_STREAM = "gateway:session_events"
 EVENT_KIND = "session_snapshot"
 ACTIVE = "active"
 REVOKED = "revoked"

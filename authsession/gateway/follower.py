@@ -34,7 +34,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from authsession.aio import cancel_and_wait
 from authsession.gateway.subscription import OnEnd, SessionEnd, Subscription
-from authsession.projection_codec import EVENT_KIND, SessionSnapshot, SnapshotError
+from authsession.projection_codec import (
+    DEFAULT_EVENTS_STREAM,
+    DEFAULT_KEY_PREFIX,
+    EVENT_KIND,
+    SessionSnapshot,
+    SnapshotError,
+)
 
 log = logging.getLogger("authsession.gateway")
 
@@ -122,8 +128,8 @@ class EventFollower:
         self,
         redis: Redis,
         *,
-        stream: str = "gateway:session_events",
-        key_prefix: str = "gateway:session:",
+        stream: str = DEFAULT_EVENTS_STREAM,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
         start_id: str = "$",
         block_ms: int = 2000,
         count: int = 500,

@@ -11,11 +11,14 @@ import pytest
 
 from authsession.domain.model import RevokeReason, Session
 from authsession.projection_codec import (
+    DEFAULT_EVENTS_STREAM,
+    DEFAULT_KEY_PREFIX,
     SessionSnapshot,
     SnapshotError,
     event_fields,
     snapshot_status,
 )
+from authsession.settings import Settings
 from authsession.telemetry import KNOWN_REASONS
 
 CREATED = datetime(2026, 12, 2, 9, 30, 15, 123456, tzinfo=UTC)
@@ -132,6 +135,16 @@ def test_the_event_announces_the_document_it_carries() -> None:
         "version": "3",
         "snapshot": ACTIVE_JSON,
     }
+
+
+def test_the_gateway_defaults_are_the_service_defaults() -> None:
+    fields = Settings.model_fields
+    assert fields["GATEWAY_SESSION_KEY_PREFIX"].default == DEFAULT_KEY_PREFIX
+    assert fields["GATEWAY_SESSION_EVENTS_STREAM"].default == DEFAULT_EVENTS_STREAM
+    assert (DEFAULT_KEY_PREFIX, DEFAULT_EVENTS_STREAM) == (
+        "gateway:session:",
+        "gateway:session_events",
+    )
 
 
 def test_every_revoke_reason_of_the_service_is_a_known_metric_reason() -> None:

@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from authsession.domain.model import FixedConfig, RuntimeConfig
 from authsession.domain.units import RateLimit, parse_bool, parse_duration, parse_rate_limit
+from authsession.projection_codec import DEFAULT_EVENTS_STREAM, DEFAULT_KEY_PREFIX
 
 ENV_PREFIX = "AUTHSESSION_"
 RETENTION_RULE = f"must be at least {ENV_PREFIX}CONFIRM_IDEMPOTENCY_WINDOW"
@@ -165,8 +166,8 @@ class Settings(BaseSettings):
     REDIS_KEY_PREFIX: str = "authsession:"
     REDIS_OPERATION_TIMEOUT: Duration = timedelta(seconds=1)
 
-    GATEWAY_SESSION_KEY_PREFIX: str = Field(default="gateway:session:", min_length=1)
-    GATEWAY_SESSION_EVENTS_STREAM: str = Field(default="gateway:session_events", min_length=1)
+    GATEWAY_SESSION_KEY_PREFIX: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1)
+    GATEWAY_SESSION_EVENTS_STREAM: str = Field(default=DEFAULT_EVENTS_STREAM, min_length=1)
     GATEWAY_SESSION_EVENTS_MAXLEN: int = Field(default=100_000, ge=1)
 
     USER_SERVICE_MODE: ServiceMode = "stub"

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from authsession.domain.email import mask_email
+from authsession.domain.model import RevokeReason
 from authsession.domain.units import format_time
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -182,9 +183,7 @@ def configure_logging(level: str, fmt: str) -> None:
 
 TRACER_NAME = "authsession"
 # Revoke reasons are free-form ([a-z0-9_.-]{1,64}); metric attributes must stay bounded.
-KNOWN_REASONS = frozenset(
-    {"revoked_by_backend", "user_blocked", "session_limit", "source_lost", "logout"}
-)
+KNOWN_REASONS: frozenset[str] = frozenset(RevokeReason)
 
 
 def _exporter_names(signal: str) -> list[str]:

@@ -29,7 +29,7 @@ import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
 
 from authsession.domain import codes  # noqa: E402
-from authsession.domain.model import Session, Snapshot  # noqa: E402
+from authsession.domain.model import Session  # noqa: E402
 from authsession.domain.units import to_epoch_ms  # noqa: E402
 from authsession.redis.base import Keys  # noqa: E402
 from authsession.redis.projection import RedisProjectionPublisher  # noqa: E402
@@ -69,7 +69,7 @@ def populate(client: redis.Redis, count: int) -> list[Session]:
         pipe.zadd(KEYS.user_sessions(user_id), {device_session_id: to_epoch_ms(now)})
         pipe.set(
             SNAPSHOT_PREFIX + device_session_id,
-            Snapshot(session, now).to_json(),
+            session.snapshot(now).to_json(),
             px=30 * 86_400_000,
         )
         if n % 2000 == 1999:

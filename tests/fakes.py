@@ -42,9 +42,9 @@ from authsession.domain.model import (
     Challenge,
     ChallengeStatus,
     FixedConfig,
+    RevokeReason,
     RuntimeConfig,
     Session,
-    Snapshot,
 )
 from authsession.domain.ports import (
     AppendPolicy,
@@ -64,11 +64,10 @@ from authsession.domain.ports import (
 from authsession.domain.sessions import ClientInfo, SessionService
 from authsession.domain.units import (
     RateLimit,
-    format_time,
     from_epoch_ms,
-    parse_time,
     to_epoch_ms,
 )
+from authsession.projection_codec import SessionSnapshot, event_fields
 
 # The contract's defaults (CONTRACT §3).
 DEFAULT_RUNTIME = RuntimeConfig(
@@ -635,86 +634,52 @@ class FakeProjection(Faulty):
         (an unchanged snapshot appends again with ``always``, or while its event is
         pending)."""
         await self._step("publish")
-        snapshot = Snapshot(session=session, published_at=now)
-        return await self._write(
-            session.device_session_id,
-            session.user_id,
-            session.version,
-            snapshot.to_json(),
-            session.expires_at,
-            now,
-            append,
-        )
+        return await self._write(session.device_session_id, session.snapshot(now), now, append)
 
     async def revoke_orphan(self, device_session_id: str, now: datetime) -> PublishResult | None:
         """An active snapshot without a record becomes ``revoked`` / ``source_lost``."""
         await self._step("publish")
-        held = self.snapshot(device_session_id)
-        if held is None:
+        raw = self.raw_snapshot(device_session_id)
+        if raw is None:
             return None
-        if held["status"] != "active":
+        held = SessionSnapshot.from_json(raw)
+        if not held.active:
             return PublishResult.UNCHANGED
-        version = int(held["version"]) + 1
-        held.update(
-            status="revoked",
-            revoked_at=format_time(now),
-            revoke_reason="source_lost",
-            version=version,
-            published_at=format_time(now),
-        )
-        return await self._write(
-            device_session_id,
-            str(held["user_id"]),
-            version,
-            json.dumps(held, separators=(",", ":")),
-            parse_time(str(held["expires_at"])),
-            now,
-            "always",
-        )
+        lost = held.revoked(now, RevokeReason.SOURCE_LOST)
+        return await self._write(device_session_id, lost, now, "always")
 
     async def _write(
         self,
         device_session_id: str,
-        user_id: str,
-        version: int,
-        document: str,
-        expires_at: datetime,
+        snapshot: SessionSnapshot,
         now: datetime,
         append: AppendPolicy,
     ) -> PublishResult:
         held_raw = self.raw_snapshot(device_session_id)
-        held = None if held_raw is None else json.loads(held_raw)
-        status = str(json.loads(document)["status"])
-        if held is not None and int(held["version"]) > version:
+        held = None if held_raw is None else SessionSnapshot.from_json(held_raw)
+        document, status = snapshot.to_json(), snapshot.status
+        if held is not None and held.version > snapshot.version:
             return PublishResult.STALE
-        if held is not None and int(held["version"]) == version:
+        if held is not None and held.version == snapshot.version:
             result = PublishResult.UNCHANGED
             # The event repeats the document the key holds, not the one offered.
             assert held_raw is not None
-            document = held_raw
-            status = str(held.get("status", status))
-            if append == "if_needed" and self.pending.get(device_session_id) != version:
+            document, status = held_raw, held.status
+            if append == "if_needed" and self.pending.get(device_session_id) != snapshot.version:
                 return result
         else:
             result = PublishResult.WRITTEN
-            if to_epoch_ms(expires_at) <= to_epoch_ms(now):
+            if to_epoch_ms(snapshot.expires_at) <= to_epoch_ms(now):
                 self._snapshots.delete(device_session_id)
                 self.pending.pop(device_session_id, None)
             else:
-                self._snapshots.put(device_session_id, document, expires_at)
-                self.pending[device_session_id] = version
+                self._snapshots.put(device_session_id, document, snapshot.expires_at)
+                self.pending[device_session_id] = snapshot.version
         await self._step("append_event")
         self.events.append(
-            {
-                "event": "session_snapshot",
-                "device_session_id": device_session_id,
-                "user_id": user_id,
-                "status": status,
-                "version": str(version),
-                "snapshot": document,
-            }
+            event_fields(device_session_id, snapshot.user_id, snapshot.version, status, document)
         )
-        if self.pending.get(device_session_id) == version:
+        if self.pending.get(device_session_id) == snapshot.version:
             del self.pending[device_session_id]
         return result
 

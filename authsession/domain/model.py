@@ -1,13 +1,13 @@
-"""Value objects of the domain: challenges, sessions, snapshots, runtime config."""
+"""Value objects of the domain: challenges, sessions, revoke reasons, runtime config."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from authsession.domain.units import RateLimit, format_time
+from authsession.domain.units import RateLimit
+from authsession.projection_codec import SessionSnapshot, snapshot_status
 
 
 class ChallengeStatus(StrEnum):
@@ -27,6 +27,16 @@ class SessionStatus(StrEnum):
     ACTIVE = "active"
     REVOKED = "revoked"
     EXPIRED = "expired"
+
+
+class RevokeReason(StrEnum):
+    """The revoke reasons the service itself gives (callers may give their own)."""
+
+    REVOKED_BY_BACKEND = "revoked_by_backend"
+    USER_BLOCKED = "user_blocked"
+    SESSION_LIMIT = "session_limit"
+    SOURCE_LOST = "source_lost"
+    LOGOUT = "logout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,36 +81,19 @@ class Session:
             return SessionStatus.EXPIRED
         return SessionStatus.ACTIVE
 
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The gateway projection of one session version (CONTRACT §9)."""
-
-    session: Session
-    published_at: datetime
-
-    @property
-    def status(self) -> str:
-        # Gateways see only active or revoked; they check expires_at themselves.
-        return "revoked" if self.session.revoked_at is not None else "active"
-
-    def to_json(self) -> str:
-        """The exact JSON document stored under the snapshot key and in the event."""
-        s = self.session
-        return json.dumps(
-            {
-                "device_session_id": s.device_session_id,
-                "user_id": s.user_id,
-                "status": self.status,
-                "token_sha256": s.token_sha256,
-                "created_at": format_time(s.created_at),
-                "expires_at": format_time(s.expires_at),
-                "revoked_at": format_time(s.revoked_at) if s.revoked_at else None,
-                "revoke_reason": s.revoke_reason,
-                "version": s.version,
-                "published_at": format_time(self.published_at),
-            },
-            separators=(",", ":"),
+    def snapshot(self, published_at: datetime) -> SessionSnapshot:
+        """The gateway projection of this version (CONTRACT §9)."""
+        return SessionSnapshot(
+            device_session_id=self.device_session_id,
+            user_id=self.user_id,
+            status=snapshot_status(self.revoked_at),
+            token_sha256=self.token_sha256,
+            expires_at=self.expires_at,
+            version=self.version,
+            created_at=self.created_at,
+            revoked_at=self.revoked_at,
+            revoke_reason=self.revoke_reason,
+            published_at=published_at,
         )
 
 

@@ -22,7 +22,7 @@ from authsession.domain.errors import (
     Unauthorized,
     UserBlocked,
 )
-from authsession.domain.model import FixedConfig, Session
+from authsession.domain.model import FixedConfig, RevokeReason, Session
 from authsession.domain.ports import (
     AppendPolicy,
     BlockMarkers,
@@ -40,11 +40,11 @@ from authsession.domain.units import parse_duration
 
 log = logging.getLogger("authsession.sessions")
 
-DEFAULT_REVOKE_REASON = "revoked_by_backend"
-USER_BLOCKED_REASON = "user_blocked"
-SESSION_LIMIT_REASON = "session_limit"
-SOURCE_LOST_REASON = "source_lost"
-LOGOUT_REASON = "logout"
+DEFAULT_REVOKE_REASON = RevokeReason.REVOKED_BY_BACKEND
+USER_BLOCKED_REASON = RevokeReason.USER_BLOCKED
+SESSION_LIMIT_REASON = RevokeReason.SESSION_LIMIT
+SOURCE_LOST_REASON = RevokeReason.SOURCE_LOST
+LOGOUT_REASON = RevokeReason.LOGOUT
 # Compared with when a token names no session, so that an unknown session and a wrong
 # secret take the same work (a SHA-256 no token can have).
 _NO_TOKEN_HASH = "0" * 64

@@ -33,8 +33,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from authsession.aio import cancel_and_wait
-from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
 from authsession.gateway.subscription import OnEnd, SessionEnd, Subscription
+from authsession.projection_codec import (
+    DEFAULT_EVENTS_STREAM,
+    DEFAULT_KEY_PREFIX,
+    EVENT_KIND,
+    SessionSnapshot,
+    SnapshotError,
+)
 
 log = logging.getLogger("authsession.gateway")
 
@@ -122,8 +128,8 @@ class EventFollower:
         self,
         redis: Redis,
         *,
-        stream: str = "gateway:session_events",
-        key_prefix: str = "gateway:session:",
+        stream: str = DEFAULT_EVENTS_STREAM,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
         start_id: str = "$",
         block_ms: int = 2000,
         count: int = 500,
@@ -582,7 +588,7 @@ class EventFollower:
 
     def _event_snapshot(self, entry_id: str, fields: dict[str, str]) -> SessionSnapshot | None:
         # Other event kinds may be added to the stream later; skip, don't fail.
-        if fields.get("event") != "session_snapshot":
+        if fields.get("event") != EVENT_KIND:
             self.ignored += 1
             return None
         try:

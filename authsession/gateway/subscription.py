@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from authsession.gateway.snapshot import SessionSnapshot
+from authsession.projection_codec import SessionSnapshot
 
 log = logging.getLogger("authsession.gateway")
 

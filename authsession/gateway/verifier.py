@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 from redis.asyncio import Redis
 
-from authsession.gateway.snapshot import SessionSnapshot, SnapshotError
+from authsession.projection_codec import DEFAULT_KEY_PREFIX, SessionSnapshot, SnapshotError
 
 log = logging.getLogger("authsession.gateway")
 
@@ -114,7 +114,7 @@ class SessionVerifier:
         self,
         redis: Redis,
         *,
-        key_prefix: str = "gateway:session:",
+        key_prefix: str = DEFAULT_KEY_PREFIX,
         clock: Callable[[], datetime] | None = None,
         cache: SnapshotCache | None = None,
         timeout: float | None = None,

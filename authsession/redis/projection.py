@@ -12,19 +12,18 @@ which is safe because the same version is never rewritten.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
 
 from authsession.domain.errors import ServiceUnavailable
-from authsession.domain.model import Session, Snapshot
+from authsession.domain.model import RevokeReason, Session
 from authsession.domain.ports import AppendPolicy, PublishResult
-from authsession.domain.units import format_time, parse_time, to_epoch_ms
+from authsession.domain.units import to_epoch_ms
+from authsession.projection_codec import SessionSnapshot, SnapshotError, event_fields
 from authsession.redis.base import Keys, RedisClient, RedisComponent, load_script, traced
 
-SOURCE_LOST = "source_lost"
 DEFAULT_PREFIX = "authsession:"
 _ERRORS = (RedisError, RedisClusterException, OSError, ValueError, KeyError, TypeError)
 
@@ -67,16 +66,7 @@ class RedisProjectionPublisher(RedisComponent):
         An unchanged snapshot appends its event again with ``always``, and with
         ``if_needed`` only when that version's event never made it to the stream.
         """
-        snapshot = Snapshot(session=session, published_at=now)
-        return await self._write(
-            session.device_session_id,
-            session.user_id,
-            session.version,
-            snapshot.to_json(),
-            session.expires_at,
-            now,
-            append,
-        )
+        return await self._write(session.device_session_id, session.snapshot(now), now, append)
 
     @traced
     async def revoke_orphan(self, device_session_id: str, now: datetime) -> PublishResult | None:
@@ -85,25 +75,14 @@ class RedisProjectionPublisher(RedisComponent):
             held = await self._redis.get(self.snapshot_key(device_session_id))
             if held is None:
                 return None
-            document: dict[str, Any] = json.loads(held)
-            if document.get("status") != "active":
-                return PublishResult.UNCHANGED
-            version = int(document["version"]) + 1
-            expires_at = parse_time(str(document["expires_at"]))
-            document.update(
-                status="revoked",
-                revoked_at=format_time(now),
-                revoke_reason=SOURCE_LOST,
-                version=version,
-                published_at=format_time(now),
-            )
-            user_id = str(document["user_id"])
+            snapshot = SessionSnapshot.from_json(held)
         except _ERRORS as exc:
             raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
-        text = json.dumps(document, separators=(",", ":"))
-        return await self._write(
-            device_session_id, user_id, version, text, expires_at, now, "always"
-        )
+        if not snapshot.active:
+            return PublishResult.UNCHANGED
+        lost = snapshot.revoked(now, RevokeReason.SOURCE_LOST)
+        # Written under the key it was read from, whatever its document says.
+        return await self._write(device_session_id, lost, now, "always")
 
     async def append_pending(self, device_session_id: str) -> bool:
         """Append the event of a snapshot whose marker says it never made it; ``True`` if
@@ -114,14 +93,13 @@ class RedisProjectionPublisher(RedisComponent):
             marker = await self._redis.get(self._keys.projection_pending(key))
             if held is None or marker is None:
                 return False
-            document = json.loads(held)
-            version = int(document["version"])
-            if int(str(marker).partition(":")[0]) != version:
+            snapshot = SessionSnapshot.from_json(held)
+            if int(str(marker).partition(":")[0]) != snapshot.version:
                 return False
             await self._append(
-                device_session_id, str(document["user_id"]), version, str(held), document
+                device_session_id, snapshot.user_id, snapshot.version, snapshot.status, str(held)
             )
-            await self._clear(keys=[self._keys.projection_pending(key)], args=[version])
+            await self._clear(keys=[self._keys.projection_pending(key)], args=[snapshot.version])
         except _ERRORS as exc:
             raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
         return True
@@ -129,19 +107,23 @@ class RedisProjectionPublisher(RedisComponent):
     async def _write(
         self,
         device_session_id: str,
-        user_id: str,
-        version: int,
-        document: str,
-        expires_at: datetime,
+        snapshot: SessionSnapshot,
         now: datetime,
         append: AppendPolicy,
     ) -> PublishResult:
         key = self.snapshot_key(device_session_id)
         marker = self._keys.projection_pending(key)
+        document = snapshot.to_json()
+        status = snapshot.status
         try:
             reply = await self._publish(
                 keys=[key, marker],
-                args=[version, document, to_epoch_ms(expires_at), to_epoch_ms(now)],
+                args=[
+                    snapshot.version,
+                    document,
+                    to_epoch_ms(snapshot.expires_at),
+                    to_epoch_ms(now),
+                ],
             )
             result = PublishResult(str(reply[0]))
             if result is PublishResult.STALE:
@@ -151,34 +133,38 @@ class RedisProjectionPublisher(RedisComponent):
                 marked = int(reply[2]) == 1
                 if not marked and append == "if_needed":
                     return result
+                status = _held_status(document)
             else:
                 marked = int(reply[1]) == 1
-            await self._append(device_session_id, user_id, version, document)
+            await self._append(
+                device_session_id, snapshot.user_id, snapshot.version, status, document
+            )
             if marked:
-                await self._clear(keys=[marker], args=[version])
+                await self._clear(keys=[marker], args=[snapshot.version])
         except _ERRORS as exc:
             raise ServiceUnavailable("projection", f"{type(exc).__name__}: {exc}") from exc
         return result
 
     async def _append(
-        self,
-        device_session_id: str,
-        user_id: str,
-        version: int,
-        document: str,
-        parsed: dict[str, Any] | None = None,
+        self, device_session_id: str, user_id: str, version: int, status: str, document: str
     ) -> None:
-        status = str((parsed or json.loads(document)).get("status", ""))
+        # redis-py types the fields as a dict of its encodable types; ours are all str.
+        fields: dict[Any, Any] = event_fields(device_session_id, user_id, version, status, document)
         await self._redis.xadd(
             self._stream,
-            {
-                "event": "session_snapshot",
-                "device_session_id": device_session_id,
-                "user_id": user_id,
-                "status": status,
-                "version": str(version),
-                "snapshot": document,
-            },
+            fields,
             maxlen=self._maxlen,
             approximate=True,
         )
+
+
+def _held_status(document: str) -> str:
+    """The status of a snapshot the key already holds, for the event that repeats it.
+
+    A document gateways cannot read is still repeated (it is what the key holds), with an
+    empty status.
+    """
+    try:
+        return SessionSnapshot.from_json(document).status
+    except SnapshotError:
+        return ""

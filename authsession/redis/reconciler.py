@@ -19,7 +19,6 @@ taken for drift. Repairs go through the ordinary publish path, so the version ru
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 from authsession.domain.model import Session
 from authsession.domain.ports import Clock
 from authsession.domain.units import format_time, to_epoch_ms
+from authsession.projection_codec import REVOKED, SessionSnapshot, SnapshotError
 from authsession.redis.base import (
     Keys,
     Lease,
@@ -177,33 +177,36 @@ class ProjectionReconciler:
             yield batch
 
     # ---------------------------------------------------------------- source records
-    async def _read_records(self, ids: list[str]) -> list[tuple[Session | None, Any]]:
+    async def _read_records(
+        self, ids: list[str]
+    ) -> list[tuple[Session | None, SessionSnapshot | None]]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for device_session_id in ids:
                 pipe.hgetall(self._keys.session(device_session_id))
                 pipe.get(self._publisher.snapshot_key(device_session_id))
             replies = await pipe.execute()
-        out: list[tuple[Session | None, Any]] = []
+        out: list[tuple[Session | None, SessionSnapshot | None]] = []
         for i in range(0, len(replies), 2):
             fields = as_strings(replies[i]) if replies[i] else {}
             try:
                 session = session_from(fields) if fields else None
             except (KeyError, ValueError):
                 session = None  # not a record of ours: nothing to project
-            out.append((session, _document(replies[i + 1])))
+            out.append((session, _snapshot(replies[i + 1])))
         return out
 
-    def _record_drift(self, session: Session | None, snapshot: Any) -> DriftKind | None:
+    def _record_drift(
+        self, session: Session | None, snapshot: SessionSnapshot | None
+    ) -> DriftKind | None:
         if session is None:
             return None
         now = self._clock.now()
         if snapshot is None:
             # The snapshot expires at expires_at: none is due after it.
             return DriftKind.MISSING_SNAPSHOT if session.expires_at > now else None
-        held_active = snapshot.get("status") == "active"
-        if session.revoked_at is not None and held_active:
+        if session.revoked_at is not None and snapshot.active:
             return DriftKind.ACTIVE_BUT_REVOKED
-        if int(snapshot.get("version", 0)) < session.version:
+        if snapshot.version < session.version:
             return DriftKind.STALE_VERSION
         return None
 
@@ -224,10 +227,12 @@ class ProjectionReconciler:
                 if str(expires_at) > now:
                     suspects.append(device_session_id)
                 continue
-            snapshot = _document(raw) or {}
-            held_active = snapshot.get("status") == "active"
-            if (status == "revoked" and held_active) or int(snapshot.get("version", 0)) < int(
-                version
+            snapshot = _snapshot(raw)
+            # A document gateways cannot read is no snapshot: the record is published.
+            if (
+                snapshot is None
+                or (status == REVOKED and snapshot.active)
+                or snapshot.version < int(version)
             ):
                 suspects.append(device_session_id)
         return suspects
@@ -244,10 +249,9 @@ class ProjectionReconciler:
             report.found[kind] += 1
             if not repair:
                 continue
-            if kind is DriftKind.ACTIVE_BUT_REVOKED:
+            if kind is DriftKind.ACTIVE_BUT_REVOKED and snapshot is not None:
                 # The revocation must win over whatever version the snapshot claims.
-                held = int(snapshot.get("version", 0))
-                session = replace(session, version=max(session.version, held + 1))
+                session = replace(session, version=max(session.version, snapshot.version + 1))
             await self._publish(session)
             report.repaired += 1
 
@@ -260,8 +264,8 @@ class ProjectionReconciler:
             replies = await pipe.execute()
         orphans: list[str] = []
         for i, device_session_id in enumerate(ids):
-            exists, document = replies[2 * i], _document(replies[2 * i + 1])
-            if not exists and document is not None and document.get("status") == "active":
+            exists, snapshot = replies[2 * i], _snapshot(replies[2 * i + 1])
+            if not exists and snapshot is not None and snapshot.active:
                 orphans.append(device_session_id)
         return orphans
 
@@ -297,11 +301,10 @@ class ProjectionReconciler:
                 report.repaired += 1
 
 
-def _document(raw: Any) -> dict[str, Any] | None:
+def _snapshot(raw: Any) -> SessionSnapshot | None:
     if raw is None:
         return None
     try:
-        document = json.loads(raw)
-    except (TypeError, ValueError):
+        return SessionSnapshot.from_json(raw)
+    except SnapshotError:
         return None
-    return document if isinstance(document, dict) else None

@@ -18,6 +18,7 @@ from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Session
 from authsession.domain.ports import Clock, CreateOutcome, CreateResult, ExtendResult
 from authsession.domain.units import format_time, from_epoch_ms, parse_time, to_epoch_ms
+from authsession.projection_codec import snapshot_status
 from authsession.redis.base import (
     Keys,
     RedisClient,
@@ -39,7 +40,7 @@ def session_fields(session: Session) -> dict[str, str]:
     fields = {
         "device_session_id": session.device_session_id,
         "user_id": session.user_id,
-        "status": "revoked" if session.revoked_at else "active",
+        "status": snapshot_status(session.revoked_at),
         "created_at": format_time(session.created_at),
         "expires_at": format_time(session.expires_at),
         "client_ip": session.client_ip,

@@ -22,7 +22,7 @@ import redis.asyncio
 
 from authsession.domain import codes
 from authsession.domain.errors import ServiceUnavailable
-from authsession.domain.model import Challenge, ChallengeStatus, Session, Snapshot
+from authsession.domain.model import Challenge, ChallengeStatus, Session
 from authsession.domain.ports import (
     AttemptResult,
     BlockMarkers,
@@ -769,7 +769,7 @@ async def test_block_markers_are_per_user_and_expire(ports: Ports) -> None:
 async def test_first_publication_writes_the_snapshot_then_one_event(ports: Ports) -> None:
     record = session(ports)
     assert await ports.projection.publish(record, ports.now) is PublishResult.WRITTEN
-    document = Snapshot(session=record, published_at=ports.now).to_json()
+    document = record.snapshot(ports.now).to_json()
     assert await ports.read_snapshot(record.device_session_id) == document
     assert await ports.read_events() == [
         {

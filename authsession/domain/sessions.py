@@ -40,11 +40,6 @@ from authsession.domain.units import parse_duration
 
 log = logging.getLogger("authsession.sessions")
 
-DEFAULT_REVOKE_REASON = RevokeReason.REVOKED_BY_BACKEND
-USER_BLOCKED_REASON = RevokeReason.USER_BLOCKED
-SESSION_LIMIT_REASON = RevokeReason.SESSION_LIMIT
-SOURCE_LOST_REASON = RevokeReason.SOURCE_LOST
-LOGOUT_REASON = RevokeReason.LOGOUT
 # Compared with when a token names no session, so that an unknown session and a wrong
 # secret take the same work (a SHA-256 no token can have).
 _NO_TOKEN_HASH = "0" * 64
@@ -135,7 +130,7 @@ class SessionService:
             raise SessionNotFound()
         created = outcome.result is CreateResult.CREATED
         for evicted in outcome.evicted:
-            self._revoked(evicted, SESSION_LIMIT_REASON)
+            self._revoked(evicted, RevokeReason.SESSION_LIMIT)
             await self.publish(evicted)
         if not created and session.revoked_at is None and limit > 0:
             # A retry: the first attempt may have revoked older sessions in the source of
@@ -152,7 +147,7 @@ class SessionService:
         """Republish what the creation of ``keep`` revoked, where the projection lags."""
         for session in await self._store.list_for_user(keep.user_id):
             if (
-                session.revoke_reason == SESSION_LIMIT_REASON
+                session.revoke_reason == RevokeReason.SESSION_LIMIT
                 and session.revoked_at is not None
                 and session.revoked_at >= keep.created_at
             ):
@@ -199,13 +194,13 @@ class SessionService:
         matches = hmac.compare_digest(presented.encode(), expected.encode())
         if session is None or not matches:
             raise Unauthorized("the session token is not valid")
-        revoked, _ = await self._revoke_and_publish(session.device_session_id, LOGOUT_REASON)
+        revoked, _ = await self._revoke_and_publish(session.device_session_id, RevokeReason.LOGOUT)
         return revoked
 
     async def revoke(self, device_session_id: str, reason: str | None = None) -> Session:
         """Revoke one session (idempotent: a repeat keeps ``revoked_at``, republishes)."""
         session, _ = await self._revoke_and_publish(
-            device_session_id, _checked_reason(reason, DEFAULT_REVOKE_REASON)
+            device_session_id, _checked_reason(reason, RevokeReason.REVOKED_BY_BACKEND)
         )
         return session
 
@@ -217,7 +212,7 @@ class SessionService:
         Sessions revoked before are republished where their snapshot lags behind the
         source of truth (a retry after a failed publication restores the projection).
         """
-        reason = _checked_reason(reason, DEFAULT_REVOKE_REASON)
+        reason = _checked_reason(reason, RevokeReason.REVOKED_BY_BACKEND)
         outcome = await self._store.revoke_all(
             user_id, reason, self._clock.now(), except_session_id
         )
@@ -263,10 +258,10 @@ class SessionService:
 
     async def block_user(self, user_id: str, reason: str | None = None) -> list[str]:
         """Block in the user service first, then revoke everything with ``user_blocked``."""
-        await self._users.block(user_id, _checked_reason(reason, USER_BLOCKED_REASON))
+        await self._users.block(user_id, _checked_reason(reason, RevokeReason.USER_BLOCKED))
         # Codes mailed before the block stay confirmable for up to CHALLENGE_TTL.
         await self._blocks.mark_user_blocked(user_id, self._config.current().challenge_ttl)
-        return await self.revoke_all(user_id, USER_BLOCKED_REASON)
+        return await self.revoke_all(user_id, RevokeReason.USER_BLOCKED)
 
     async def _revoke_and_publish(
         self, device_session_id: str, reason: str
@@ -292,10 +287,10 @@ class SessionService:
             raise
         if result is not None and result is not PublishResult.UNCHANGED:
             self._metrics.projection_published(result.value)
-            self._metrics.session_revoked(SOURCE_LOST_REASON)
+            self._metrics.session_revoked(RevokeReason.SOURCE_LOST)
             log.warning(
                 "snapshot without a source record revoked",
-                extra={"device_session_id": device_session_id, "reason": SOURCE_LOST_REASON},
+                extra={"device_session_id": device_session_id, "reason": RevokeReason.SOURCE_LOST},
             )
 
     def _revoked(self, session: Session, reason: str) -> None:

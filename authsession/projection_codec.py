@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from authsession.domain.units import format_time
+from authsession.domain.units import format_time, parse_time
 
 DEFAULT_KEY_PREFIX = "gateway:session:"
 DEFAULT_EVENTS_STREAM = "gateway:session_events"
@@ -131,13 +131,6 @@ def event_fields(
         "version": str(version),
         "snapshot": document,
     }
-
-
-def parse_time(text: str) -> datetime:
-    """An RFC 3339 time with an offset, as an aware UTC datetime."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00")).astimezone(
-        UTC
-    )
 
 
 def _format_optional(value: datetime | None) -> str | None:

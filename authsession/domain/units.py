@@ -114,8 +114,11 @@ def format_time(value: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """Inverse of :func:`format_time` (accepts any RFC 3339 UTC form ``fromisoformat`` reads)."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    """Inverse of :func:`format_time`: any RFC 3339 time with an offset (``Z`` or ``z``
+    for UTC), as an aware UTC datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00")).astimezone(
+        UTC
+    )
 
 
 def from_epoch_ms(value: int) -> datetime:

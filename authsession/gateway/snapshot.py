@@ -6,6 +6,7 @@ that writes the documents; this module keeps the library's import path.
 
 from __future__ import annotations
 
-from authsession.projection_codec import SessionSnapshot, SnapshotError, parse_time
+from authsession.domain.units import parse_time
+from authsession.projection_codec import SessionSnapshot, SnapshotError
 
 __all__ = ["SessionSnapshot", "SnapshotError", "parse_time"]

@@ -19,7 +19,12 @@ import socketio
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from authsession.gateway import EventFollower, SessionVerifier
+from authsession.gateway import (
+    DEFAULT_EVENTS_STREAM,
+    DEFAULT_KEY_PREFIX,
+    EventFollower,
+    SessionVerifier,
+)
 from authsession.gateway.socketio_adapter import SocketIOSessionGuard
 
 # A bounded pool: a burst of handshakes waits for one of 64 connections rather than
@@ -34,8 +39,8 @@ client = redis.asyncio.Redis(
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
     )
 )
-prefix = os.environ.get("GATEWAY_SESSION_KEY_PREFIX", "gateway:session:")
-stream = os.environ.get("GATEWAY_SESSION_EVENTS_STREAM", "gateway:session_events")
+prefix = os.environ.get("GATEWAY_SESSION_KEY_PREFIX", DEFAULT_KEY_PREFIX)
+stream = os.environ.get("GATEWAY_SESSION_EVENTS_STREAM", DEFAULT_EVENTS_STREAM)
 follower = EventFollower(client, key_prefix=prefix, stream=stream)
 verifier = SessionVerifier(client, key_prefix=prefix, cache=follower, timeout=0.5)
 

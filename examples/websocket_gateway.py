@@ -27,6 +27,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from authsession.gateway import (
+    DEFAULT_EVENTS_STREAM,
+    DEFAULT_KEY_PREFIX,
     PRINCIPAL_STATE_KEY,
     EventFollower,
     SessionAuthMiddleware,
@@ -46,8 +48,8 @@ client = redis.asyncio.Redis(
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
     )
 )
-prefix = os.environ.get("GATEWAY_SESSION_KEY_PREFIX", "gateway:session:")
-stream = os.environ.get("GATEWAY_SESSION_EVENTS_STREAM", "gateway:session_events")
+prefix = os.environ.get("GATEWAY_SESSION_KEY_PREFIX", DEFAULT_KEY_PREFIX)
+stream = os.environ.get("GATEWAY_SESSION_EVENTS_STREAM", DEFAULT_EVENTS_STREAM)
 follower = EventFollower(client, key_prefix=prefix, stream=stream)
 verifier = SessionVerifier(client, key_prefix=prefix, cache=follower, timeout=0.5)
 

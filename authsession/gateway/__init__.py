@@ -50,9 +50,12 @@ from authsession.gateway.verifier import (
     split_token,
 )
 from authsession.gateway.websocket import WebSocketSessionGuard
+from authsession.projection_codec import DEFAULT_EVENTS_STREAM, DEFAULT_KEY_PREFIX
 
 __all__ = [
     "CLOSE_CODE",
+    "DEFAULT_EVENTS_STREAM",
+    "DEFAULT_KEY_PREFIX",
     "EXPIRED_EVENT",
     "PRINCIPAL_STATE_KEY",
     "Admitted",

@@ -22,9 +22,16 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from authsession.domain.errors import InvalidRequest, RateLimited, ServiceUnavailable, Unauthorized
-from authsession.domain.ports import Clock, ConfigProvider, RateLimiter
-from authsession.http.errors import InternalError, PayloadTooLarge, error_response, send_error
+from authsession.domain.errors import InvalidRequest, ServiceUnavailable, Unauthorized
+from authsession.domain.ports import Clock, ConfigProvider
+from authsession.http.errors import (
+    InternalError,
+    PayloadTooLarge,
+    RateLimited,
+    error_response,
+    send_error,
+)
+from authsession.http.ports import RateLimiter
 from authsession.telemetry import Telemetry, request_id_var
 
 log = logging.getLogger("authsession.access")

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI, Path, Query
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
 from authsession.http.common import ModelResponse, errors, new_app, object_or_no_body
-from authsession.http.middleware import BearerTokenMiddleware, RequestContextMiddleware
+from authsession.http.middleware import BearerTokenMiddleware, add_request_context
 from authsession.http.schemas import (
     BlockRequest,
     ExtendRequest,
@@ -119,5 +119,5 @@ def create_internal_app(core: Core) -> FastAPI:
     tokens = core.settings.internal_api_tokens
     if tokens:
         app.add_middleware(BearerTokenMiddleware, tokens=tokens)
-    app.add_middleware(RequestContextMiddleware, listener="internal", telemetry=core.telemetry)
+    add_request_context(app, "internal", core.telemetry)
     return app

@@ -15,7 +15,7 @@ from authsession.http.common import ModelResponse, errors, new_app, object_or_no
 from authsession.http.middleware import (
     ContractCORSMiddleware,
     RateLimitMiddleware,
-    RequestContextMiddleware,
+    add_request_context,
     client_ip,
 )
 from authsession.http.schemas import (
@@ -131,5 +131,5 @@ def create_public_app(core: Core) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, listener="public", telemetry=core.telemetry)
+    add_request_context(app, "public", core.telemetry)
     return app

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
 from authsession.domain.ports import Clock
 from authsession.domain.sessions import SessionService
-from authsession.http.common import ModelResponse, errors, new_app, object_or_no_body
+from authsession.http.common import (
+    ModelResponse,
+    errors,
+    handler_state,
+    new_app,
+    object_or_no_body,
+)
 from authsession.http.middleware import BearerTokenMiddleware, add_request_context
 from authsession.http.schemas import (
     BlockRequest,
@@ -33,19 +39,13 @@ OPTIONAL_BODY = [Depends(object_or_no_body)]
 
 @dataclass(frozen=True, slots=True)
 class InternalState:
-    """What the internal handlers use; ``create_internal_app`` keeps it on ``app.state``."""
+    """What the internal handlers use (their ``app.state.handlers``)."""
 
     sessions: SessionService
     clock: Clock
 
 
-async def internal_state(request: Request) -> InternalState:
-    """The state of the app serving the request."""
-    return cast(InternalState, request.app.state.internal)
-
-
-# One dependency per handler, not one per part: FastAPI solves each on every request.
-Internal = Annotated[InternalState, Depends(internal_state)]
+Internal = Annotated[InternalState, Depends(handler_state)]
 router = APIRouter()
 
 
@@ -149,7 +149,7 @@ async def block_user(
 def create_internal_app(core: Core) -> FastAPI:
     """The trusted backends' API."""
     app = new_app("authsession internal API", "Device-session management for trusted backends.")
-    app.state.internal = InternalState(sessions=core.sessions, clock=core.clock)
+    app.state.handlers = InternalState(sessions=core.sessions, clock=core.clock)
     app.include_router(router)
     tokens = core.settings.internal_api_tokens
     if tokens:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import Annotated, cast
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 
@@ -15,7 +15,13 @@ from authsession.domain.login import LoginService
 from authsession.domain.sessions import ClientInfo, SessionService
 from authsession.domain.units import format_time
 from authsession.gateway.asgi import bearer_token
-from authsession.http.common import ModelResponse, errors, new_app, object_or_no_body
+from authsession.http.common import (
+    ModelResponse,
+    errors,
+    handler_state,
+    new_app,
+    object_or_no_body,
+)
 from authsession.http.middleware import (
     ContractCORSMiddleware,
     RateLimitMiddleware,
@@ -37,7 +43,7 @@ MAX_USER_AGENT = 512
 
 @dataclass(frozen=True, slots=True)
 class PublicState:
-    """What the public handlers use; ``create_public_app`` keeps it on ``app.state``."""
+    """What the public handlers use (their ``app.state.handlers``)."""
 
     login: LoginService
     sessions: SessionService
@@ -46,13 +52,7 @@ class PublicState:
     """Seconds: ``SEND_EMAIL_CODE_MIN_DURATION``."""
 
 
-async def public_state(request: Request) -> PublicState:
-    """The state of the app serving the request."""
-    return cast(PublicState, request.app.state.public)
-
-
-# One dependency per handler, not one per part: FastAPI solves each on every request.
-Public = Annotated[PublicState, Depends(public_state)]
+Public = Annotated[PublicState, Depends(handler_state)]
 router = APIRouter()
 
 
@@ -139,7 +139,7 @@ def create_public_app(core: Core) -> FastAPI:
     """The frontends' API."""
     app = new_app("authsession public API", "Passwordless e-mail login for frontends.")
     trusted = core.settings.TRUSTED_PROXIES
-    app.state.public = PublicState(
+    app.state.handlers = PublicState(
         login=core.login,
         sessions=core.sessions,
         trusted_proxies=trusted,

@@ -883,11 +883,11 @@ if TYPE_CHECKING:  # mypy proves that every fake satisfies its port.
         FailureBudget,
         MailSender,
         ProjectionPublisher,
-        RateLimiter,
         ResendThrottle,
         SessionStore,
         UserDirectory,
     )
+    from authsession.http.ports import RateLimiter
 
     def _ports(clock: FixedClock) -> Sequence[object]:
         c: Clock = clock

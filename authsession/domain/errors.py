@@ -1,6 +1,7 @@
 """One error hierarchy for the whole service; each error carries its contract code.
 
-``http/errors.py`` is the only place that turns these into status codes::
+``http/errors.py`` is the only place that turns these into status codes, and adds the
+errors only HTTP produces (routing, body limit, rate limit)::
 
     AuthSessionError
     ├── InvalidRequest            invalid_request
@@ -13,7 +14,6 @@
     ├── SessionRevoked            session_revoked
     ├── ChallengeExpired          challenge_expired
     ├── TooManyAttempts           too_many_attempts
-    ├── RateLimited               rate_limited        (retry_after seconds)
     └── ServiceUnavailable        service_unavailable (dependency: redis, user_service, …)
 """
 
@@ -106,17 +106,6 @@ class TooManyAttempts(AuthSessionError):
 
     code = "too_many_attempts"
     default_message = "too many attempts"
-
-
-class RateLimited(AuthSessionError):
-    """The per-client-IP limit of the public listener is exceeded."""
-
-    code = "rate_limited"
-    default_message = "too many requests"
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__()
-        self.retry_after = retry_after
 
 
 class ServiceUnavailable(AuthSessionError):

@@ -14,7 +14,6 @@ from enum import StrEnum
 from typing import Literal, Protocol
 
 from authsession.domain.model import Challenge, ChallengeStatus, RuntimeConfig, Session
-from authsession.domain.units import RateLimit
 
 
 class Clock(Protocol):
@@ -288,14 +287,6 @@ class ConfigProvider(Component, Protocol):
 
     def current(self) -> RuntimeConfig:
         """The last good configuration (no I/O)."""
-        ...
-
-
-class RateLimiter(Component, Protocol):
-    """The per-client-IP limit of the public listener, shared by replicas."""
-
-    async def hit(self, client: str, limit: RateLimit, now: datetime) -> int | None:
-        """Count one request; the ``Retry-After`` seconds when over the limit, else ``None``."""
         ...
 
 

@@ -13,6 +13,7 @@ The HTTP layer adds the few errors the domain does not know::
         ├── NotFound           not_found
         ├── MethodNotAllowed   method_not_allowed
         ├── PayloadTooLarge    payload_too_large
+        ├── RateLimited        rate_limited        (retry_after seconds)
         ├── InternalError      internal_error
         └── Overloaded         service_unavailable (a listener at its connection limit)
 """
@@ -37,7 +38,7 @@ log = logging.getLogger("authsession.http")
 
 
 class HttpError(e.AuthSessionError):
-    """An error only the HTTP layer produces (routing, body limit, server)."""
+    """An error only the HTTP layer produces (routing, body and rate limits, server)."""
 
 
 class NotFound(HttpError):
@@ -59,6 +60,17 @@ class PayloadTooLarge(HttpError):
 
     code = "payload_too_large"
     default_message = "the request body exceeds 16 KiB"
+
+
+class RateLimited(HttpError):
+    """The per-client-IP limit of the public listener is exceeded."""
+
+    code = "rate_limited"
+    default_message = "too many requests"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__()
+        self.retry_after = retry_after
 
 
 class InternalError(HttpError):
@@ -110,7 +122,7 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
 
 
 def _headers_of(exc: e.AuthSessionError) -> dict[str, str]:
-    if isinstance(exc, e.RateLimited):
+    if isinstance(exc, RateLimited):
         return {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, e.Unauthorized):
         return {"WWW-Authenticate": "Bearer"}

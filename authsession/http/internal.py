@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Path, Query
+from fastapi import APIRouter, Depends, FastAPI, Path, Query
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
-from authsession.http.common import ModelResponse, errors, new_app, object_or_no_body
-from authsession.http.middleware import BearerTokenMiddleware, RequestContextMiddleware
+from authsession.domain.ports import Clock
+from authsession.domain.sessions import SessionService
+from authsession.http.common import (
+    ModelResponse,
+    errors,
+    handler_state,
+    new_app,
+    object_or_no_body,
+)
+from authsession.http.middleware import BearerTokenMiddleware, add_request_context
 from authsession.http.schemas import (
     BlockRequest,
     ExtendRequest,
@@ -28,96 +37,122 @@ UNAUTHORIZED = (401, "unauthorized")
 OPTIONAL_BODY = [Depends(object_or_no_body)]
 
 
+@dataclass(frozen=True, slots=True)
+class InternalState:
+    """What the internal handlers use (their ``app.state.handlers``)."""
+
+    sessions: SessionService
+    clock: Clock
+
+
+Internal = Annotated[InternalState, Depends(handler_state)]
+router = APIRouter()
+
+
+@router.get(
+    "/api/v1/internal/users/{user_id}/sessions",
+    response_model=SessionListResponse,
+    responses=errors(UNAUTHORIZED),
+    summary="List a user's sessions, newest first",
+)
+async def list_sessions(
+    user_id: UserIdPath,
+    state: Internal,
+    status: Annotated[Literal["active", "revoked", "expired", "all"], Query()] = "all",
+) -> ModelResponse:
+    found = await state.sessions.list_sessions(user_id, status)
+    now = state.clock.now()
+    return ModelResponse(
+        SessionListResponse(user_id=user_id, sessions=[SessionResponse.of(s, now) for s in found])
+    )
+
+
+@router.get(
+    "/api/v1/internal/sessions/{device_session_id}",
+    response_model=SessionResponse,
+    responses=errors(UNAUTHORIZED, (404, "session_not_found")),
+    summary="Read one session",
+)
+async def get_session(device_session_id: SessionIdPath, state: Internal) -> ModelResponse:
+    return ModelResponse(
+        SessionResponse.of(await state.sessions.get(device_session_id), state.clock.now())
+    )
+
+
+@router.post(
+    "/api/v1/internal/sessions/{device_session_id}/revoke",
+    dependencies=OPTIONAL_BODY,
+    response_model=SessionResponse,
+    responses=errors(UNAUTHORIZED, (404, "session_not_found")),
+    summary="Revoke one session (idempotent)",
+)
+async def revoke_session(
+    device_session_id: SessionIdPath,
+    state: Internal,
+    body: RevokeRequest | None = None,
+) -> ModelResponse:
+    reason = body.reason if body else None
+    return ModelResponse(
+        SessionResponse.of(
+            await state.sessions.revoke(device_session_id, reason), state.clock.now()
+        )
+    )
+
+
+@router.post(
+    "/api/v1/internal/users/{user_id}/sessions/revoke",
+    dependencies=OPTIONAL_BODY,
+    response_model=RevokedResponse,
+    responses=errors(UNAUTHORIZED),
+    summary="Revoke all of a user's sessions, optionally but one",
+)
+async def revoke_all(
+    user_id: UserIdPath, state: Internal, body: RevokeAllRequest | None = None
+) -> ModelResponse:
+    body = body or RevokeAllRequest()
+    revoked = await state.sessions.revoke_all(user_id, body.reason, body.except_session_id)
+    return ModelResponse(RevokedResponse(user_id=user_id, revoked_session_ids=revoked))
+
+
+@router.post(
+    "/api/v1/internal/sessions/{device_session_id}/extend",
+    dependencies=OPTIONAL_BODY,
+    response_model=SessionResponse,
+    responses=errors(UNAUTHORIZED, (404, "session_not_found"), (409, "session_revoked")),
+    summary="Move the expiry of an active session",
+)
+async def extend_session(
+    device_session_id: SessionIdPath,
+    state: Internal,
+    body: ExtendRequest | None = None,
+) -> ModelResponse:
+    ttl = body.ttl if body else None
+    return ModelResponse(
+        SessionResponse.of(await state.sessions.extend(device_session_id, ttl), state.clock.now())
+    )
+
+
+@router.post(
+    "/api/v1/internal/users/{user_id}/block",
+    dependencies=OPTIONAL_BODY,
+    response_model=RevokedResponse,
+    responses=errors(UNAUTHORIZED, (404, "user_not_found")),
+    summary="Block a user in the user service and revoke all their sessions",
+)
+async def block_user(
+    user_id: UserIdPath, state: Internal, body: BlockRequest | None = None
+) -> ModelResponse:
+    revoked = await state.sessions.block_user(user_id, body.reason if body else None)
+    return ModelResponse(RevokedResponse(user_id=user_id, revoked_session_ids=revoked))
+
+
 def create_internal_app(core: Core) -> FastAPI:
     """The trusted backends' API."""
     app = new_app("authsession internal API", "Device-session management for trusted backends.")
-    sessions = core.sessions
-    clock = core.clock
-
-    @app.get(
-        "/api/v1/internal/users/{user_id}/sessions",
-        response_model=SessionListResponse,
-        responses=errors(UNAUTHORIZED),
-        summary="List a user's sessions, newest first",
-    )
-    async def list_sessions(
-        user_id: UserIdPath,
-        status: Annotated[Literal["active", "revoked", "expired", "all"], Query()] = "all",
-    ) -> ModelResponse:
-        found = await sessions.list_sessions(user_id, status)
-        now = clock.now()
-        return ModelResponse(
-            SessionListResponse(
-                user_id=user_id, sessions=[SessionResponse.of(s, now) for s in found]
-            )
-        )
-
-    @app.get(
-        "/api/v1/internal/sessions/{device_session_id}",
-        response_model=SessionResponse,
-        responses=errors(UNAUTHORIZED, (404, "session_not_found")),
-        summary="Read one session",
-    )
-    async def get_session(device_session_id: SessionIdPath) -> ModelResponse:
-        return ModelResponse(SessionResponse.of(await sessions.get(device_session_id), clock.now()))
-
-    @app.post(
-        "/api/v1/internal/sessions/{device_session_id}/revoke",
-        dependencies=OPTIONAL_BODY,
-        response_model=SessionResponse,
-        responses=errors(UNAUTHORIZED, (404, "session_not_found")),
-        summary="Revoke one session (idempotent)",
-    )
-    async def revoke_session(
-        device_session_id: SessionIdPath, body: RevokeRequest | None = None
-    ) -> ModelResponse:
-        reason = body.reason if body else None
-        return ModelResponse(
-            SessionResponse.of(await sessions.revoke(device_session_id, reason), clock.now())
-        )
-
-    @app.post(
-        "/api/v1/internal/users/{user_id}/sessions/revoke",
-        dependencies=OPTIONAL_BODY,
-        response_model=RevokedResponse,
-        responses=errors(UNAUTHORIZED),
-        summary="Revoke all of a user's sessions, optionally but one",
-    )
-    async def revoke_all(
-        user_id: UserIdPath, body: RevokeAllRequest | None = None
-    ) -> ModelResponse:
-        body = body or RevokeAllRequest()
-        revoked = await sessions.revoke_all(user_id, body.reason, body.except_session_id)
-        return ModelResponse(RevokedResponse(user_id=user_id, revoked_session_ids=revoked))
-
-    @app.post(
-        "/api/v1/internal/sessions/{device_session_id}/extend",
-        dependencies=OPTIONAL_BODY,
-        response_model=SessionResponse,
-        responses=errors(UNAUTHORIZED, (404, "session_not_found"), (409, "session_revoked")),
-        summary="Move the expiry of an active session",
-    )
-    async def extend_session(
-        device_session_id: SessionIdPath, body: ExtendRequest | None = None
-    ) -> ModelResponse:
-        ttl = body.ttl if body else None
-        return ModelResponse(
-            SessionResponse.of(await sessions.extend(device_session_id, ttl), clock.now())
-        )
-
-    @app.post(
-        "/api/v1/internal/users/{user_id}/block",
-        dependencies=OPTIONAL_BODY,
-        response_model=RevokedResponse,
-        responses=errors(UNAUTHORIZED, (404, "user_not_found")),
-        summary="Block a user in the user service and revoke all their sessions",
-    )
-    async def block_user(user_id: UserIdPath, body: BlockRequest | None = None) -> ModelResponse:
-        revoked = await sessions.block_user(user_id, body.reason if body else None)
-        return ModelResponse(RevokedResponse(user_id=user_id, revoked_session_ids=revoked))
-
+    app.state.handlers = InternalState(sessions=core.sessions, clock=core.clock)
+    app.include_router(router)
     tokens = core.settings.internal_api_tokens
     if tokens:
         app.add_middleware(BearerTokenMiddleware, tokens=tokens)
-    app.add_middleware(RequestContextMiddleware, listener="internal", telemetry=core.telemetry)
+    add_request_context(app, "internal", core.telemetry)
     return app

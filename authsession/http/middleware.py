@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware shared by both apps: request id, headers, body limit, access log.
+"""Pure-ASGI middleware: request id, body limit, telemetry (both apps), rate limit, bearer, CORS.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) keeps the per-request overhead small and lets the
 body limit act on the stream before the app reads it.
@@ -16,15 +16,23 @@ from collections.abc import Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanKind, StatusCode
+from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from authsession.domain.errors import InvalidRequest, RateLimited, ServiceUnavailable, Unauthorized
-from authsession.domain.ports import Clock, ConfigProvider, RateLimiter
-from authsession.http.errors import InternalError, PayloadTooLarge, error_response, send_error
+from authsession.domain.errors import InvalidRequest, ServiceUnavailable, Unauthorized
+from authsession.domain.ports import Clock, ConfigProvider
+from authsession.http.errors import (
+    InternalError,
+    PayloadTooLarge,
+    RateLimited,
+    error_response,
+    send_error,
+)
+from authsession.http.ports import RateLimiter
 from authsession.telemetry import Telemetry, request_id_var
 
 log = logging.getLogger("authsession.access")
@@ -41,13 +49,69 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class RequestContextMiddleware:
-    """``X-Request-ID`` in and out, ``Cache-Control: no-store``, 16 KiB limit, access log."""
+class _ClientGone(Exception):
+    """The client closed the connection before its body was complete (logged as 499)."""
 
-    def __init__(self, app: ASGIApp, listener: str, telemetry: Telemetry) -> None:
+
+class BodyLimitMiddleware:
+    """The 16 KiB body limit, on the declared length and on the bytes actually received.
+
+    The whole body is read here, once, so that an oversized chunked body is a 413
+    whatever the app does with a failing ``receive()``; the app reads it back from memory.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.listener = listener
-        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            await send_error(scope, receive, send, PayloadTooLarge())
+            return
+        body = await _read_body(receive)
+        if body is None:
+            await send_error(scope, receive, send, PayloadTooLarge())
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole body, or ``None`` once it exceeds the limit; raises if the client left."""
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class RequestIdMiddleware:
+    """``X-Request-ID`` in and out (logs carry it) and ``Cache-Control: no-store``.
+
+    Outermost, so that every answer of the pieces inside (a 413, the JSON 500) has both.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,30 +123,13 @@ class RequestContextMiddleware:
         )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
-        method = str(scope.get("method", ""))
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        span = self.telemetry.tracer.start_span(
-            f"{method} {self.listener}",
-            context=propagate.extract(carrier),
-            kind=SpanKind.SERVER,
-            # No url.path: ids in paths (user ids may be addresses) stay out of traces;
-            # http.route (the template) is added once routing is known.
-            attributes={"authsession.listener": self.listener, "http.request.method": method},
-        )
-        span_token = otel_context.attach(trace.set_span_in_context(span))
-        started = time.perf_counter()
-        status_holder = [500]
-        response_started = False
         extra_headers = [
             (b"cache-control", b"no-store"),
             (b"x-request-id", request_id.encode()),
         ]
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal response_started
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response_started = True
-                status_holder[0] = message["status"]
                 headers = [
                     (k, v)
                     for k, v in message.get("headers", [])
@@ -92,73 +139,98 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            length = _header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                await send_error(scope, receive, send_wrapper, PayloadTooLarge())
-                return
-            # The whole body (at most 16 KiB) is read here, so that an oversized chunked
-            # body is a 413 whatever the app does with a failing receive().
-            chunks: list[bytes] = []
-            received = 0
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    status_holder[0] = 499  # the client went away mid-body
-                    return
-                chunk = message.get("body", b"")
-                received += len(chunk)
-                if received > MAX_BODY_BYTES:
-                    await send_error(scope, receive, send_wrapper, PayloadTooLarge())
-                    return
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-            body = b"".join(chunks)
-            replayed = False
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            request_id_var.reset(token)
 
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
 
-            try:
-                await self.app(scope, replay, send_wrapper)
-            except Exception as exc:
-                # Answered here rather than by Starlette's outermost error middleware so
-                # that the 500 carries the same headers as every other response.
-                log.error("unexpected failure", exc_info=exc)
-                span.record_exception(exc)
-                if not response_started:
-                    await send_error(scope, receive, send_wrapper, InternalError())
+class TelemetryMiddleware:
+    """The server span, the duration histogram and the access log; the JSON 500.
+
+    An unexpected failure is answered here rather than by Starlette's outermost error
+    middleware, so that the 500 carries the same headers as every other response.
+    """
+
+    def __init__(self, app: ASGIApp, listener: str, telemetry: Telemetry) -> None:
+        self.app = app
+        self.listener = listener
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = str(scope.get("method", ""))
+        span = self._start_span(scope, method)
+        span_token = otel_context.attach(trace.set_span_in_context(span))
+        started = time.perf_counter()
+        status: int | None = None
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except _ClientGone:
+            status = 499
+        except Exception as exc:
+            log.error("unexpected failure", exc_info=exc)
+            span.record_exception(exc)
+            if status is None:
+                await send_error(scope, receive, send_and_record, InternalError())
         finally:
             elapsed = time.perf_counter() - started
-            status = status_holder[0]
-            route = scope.get("route")
-            route_path = str(getattr(route, "path", "")) or "unmatched"
-            span.update_name(f"{method} {route_path}")
-            span.set_attribute("http.route", route_path)
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(StatusCode.ERROR)
-            self.telemetry.server_request(self.listener, method, route_path, status, elapsed)
-            # Logged while the span is current, so the line carries the request's trace id.
-            log.info(
-                "request",
-                extra={
-                    "listener": self.listener,
-                    "method": method,
-                    # The route template, not the path: ids in paths (user ids may be
-                    # addresses) stay out of the access log.
-                    "route": route_path,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
-            span.end()
+            self._finish(scope, span, method, 500 if status is None else status, elapsed)
             otel_context.detach(span_token)
-            request_id_var.reset(token)
+
+    def _start_span(self, scope: Scope, method: str) -> Span:
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        return self.telemetry.tracer.start_span(
+            f"{method} {self.listener}",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            # No url.path: ids in paths (user ids may be addresses) stay out of traces;
+            # http.route (the template) is added once routing is known.
+            attributes={"authsession.listener": self.listener, "http.request.method": method},
+        )
+
+    def _finish(self, scope: Scope, span: Span, method: str, status: int, elapsed: float) -> None:
+        route = scope.get("route")
+        route_path = str(getattr(route, "path", "")) or "unmatched"
+        span.update_name(f"{method} {route_path}")
+        span.set_attribute("http.route", route_path)
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(StatusCode.ERROR)
+        self.telemetry.server_request(self.listener, method, route_path, status, elapsed)
+        # Logged while the span is current, so the line carries the request's trace id.
+        log.info(
+            "request",
+            extra={
+                "listener": self.listener,
+                "method": method,
+                # The route template, not the path: ids in paths (user ids may be
+                # addresses) stay out of the access log.
+                "route": route_path,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
+        span.end()
+
+
+def add_request_context(app: Starlette, listener: str, telemetry: Telemetry) -> None:
+    """Wrap an app in the pieces every request passes, outermost last.
+
+    The request id is outermost (every answer carries it and the logs see it), then the
+    telemetry (it counts and logs what the body limit answers), then the body limit.
+    """
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(TelemetryMiddleware, listener=listener, telemetry=telemetry)
+    app.add_middleware(RequestIdMiddleware)
 
 
 def client_ip(

@@ -34,11 +34,11 @@ from authsession.domain.ports import (
     FailureBudget,
     ProjectionPublisher,
     PublishResult,
-    RateLimiter,
     ResendThrottle,
     SessionStore,
 )
 from authsession.domain.units import RateLimit, to_epoch_ms
+from authsession.http.ports import RateLimiter
 from authsession.redis.base import Keys
 from authsession.redis.challenges import RedisChallengeStore
 from authsession.redis.projection import RedisProjectionPublisher

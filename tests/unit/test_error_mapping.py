@@ -59,7 +59,7 @@ def test_every_error_class_has_a_contract_code(cls: type[domain_errors.AuthSessi
 
 
 def test_headers_and_status_follow_the_error() -> None:
-    limited = error_response(domain_errors.RateLimited(7))
+    limited = error_response(http_errors.RateLimited(7))
     assert limited.status_code == 429
     assert limited.headers["retry-after"] == "7"
     unauthorized = error_response(domain_errors.Unauthorized())

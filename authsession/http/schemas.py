@@ -11,13 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from authsession.domain.codes import CODE_PATTERN, ID_PATTERN, USER_ID_PATTERN
+from authsession.domain.codes import CODE_PATTERN, ID_PATTERN
 from authsession.domain.model import Session, SessionStatus
 from authsession.domain.sessions import REASON_PATTERN
 from authsession.domain.units import format_time
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 Reason = Annotated[str, StringConstraints(pattern=REASON_PATTERN)]
 Timestamp = Annotated[
     str,

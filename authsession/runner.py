@@ -373,4 +373,3 @@ async def _serve(core: Core, signals: _Signals, inherited: Inherited | None = No
         signals.stage = "closing"
         for sock in sockets.values():
             sock.close()  # uvicorn closes them on a normal stop; not when a server crashed
-        await core.stop_background()

@@ -22,8 +22,8 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -32,9 +32,18 @@ from authsession.domain.units import RateLimit, parse_bool, parse_duration, pars
 from authsession.projection_codec import DEFAULT_EVENTS_STREAM, DEFAULT_KEY_PREFIX
 
 ENV_PREFIX = "AUTHSESSION_"
+# SESSION_RETENTION's rule: a replayed confirm must find the record of a session revoked
+# meanwhile; otherwise it would write the session again, active.
 RETENTION_RULE = f"must be at least {ENV_PREFIX}CONFIRM_IDEMPOTENCY_WINDOW"
+# REDIS_ADDR of the embedded in-process store (development only).
+MEMORY_STORE = "memory://"
 # A bound on AUTHSESSION_WORKERS: a typo must not start thousands of processes.
 MAX_WORKERS = 64
+
+
+def is_memory_store(redis_addr: str) -> bool:
+    """Whether a ``REDIS_ADDR`` names the embedded store (:data:`MEMORY_STORE`)."""
+    return redis_addr.strip().lower().startswith(MEMORY_STORE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +224,7 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_addr(cls, value: str) -> str:
         text = value.strip()
-        if text.lower().startswith("memory://"):
+        if is_memory_store(text):
             return text
         if "://" in text:
             if not re.match(r"^rediss?://[^\s/]+(/\d*)?$", text):
@@ -225,7 +234,7 @@ class Settings(BaseSettings):
             host, sep, port = part.strip().rpartition(":")
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise ValueError(
-                    "invalid Redis address (use host:port, a redis:// URL or memory://)"
+                    f"invalid Redis address (use host:port, a redis:// URL or {MEMORY_STORE})"
                 )
         return text
 
@@ -241,21 +250,23 @@ class Settings(BaseSettings):
             raise ValueError("a token must not contain spaces or control characters")
         return value
 
+    @field_validator("SESSION_RETENTION")
+    @classmethod
+    def _retention_covers_replays(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        # A field check, not a model one: it is reported under the variable's name
+        # together with the other fields' problems. CONFIRM_IDEMPOTENCY_WINDOW is
+        # declared first, so it is in info.data unless it failed its own check.
+        window = info.data.get("CONFIRM_IDEMPOTENCY_WINDOW")
+        if window is not None and value < window:
+            raise ValueError(RETENTION_RULE)
+        return value
+
     @field_validator("REDIS_TLS_CA_FILE")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_file():
             raise ValueError(f"file {value!r} does not exist")
         return value
-
-    @model_validator(mode="after")
-    def _retention_covers_replays(self) -> Settings:
-        # A replayed confirm must find the record of a session revoked meanwhile;
-        # otherwise it would write the session again, active. (load_settings reports
-        # this under the variable's name through _cross_field_problems.)
-        if self.SESSION_RETENTION < self.CONFIRM_IDEMPOTENCY_WINDOW:
-            raise ValueError(RETENTION_RULE)
-        return self
 
     @property
     def internal_api_tokens(self) -> tuple[str, ...]:
@@ -267,7 +278,7 @@ class Settings(BaseSettings):
     @property
     def memory_store(self) -> bool:
         """``memory://``: the embedded in-process store (development only)."""
-        return self.REDIS_ADDR.strip().lower().startswith("memory://")
+        return is_memory_store(self.REDIS_ADDR)
 
     def runtime_defaults(self) -> RuntimeConfig:
         """The runtime limits before any ``<prefix>config`` override."""
@@ -337,19 +348,11 @@ def _cross_field_problems(env: Mapping[str, str]) -> dict[str, str]:
             problems[f"{ENV_PREFIX}INTERNAL_HTTP_ADDR"] = (
                 f"must differ from {ENV_PREFIX}PUBLIC_HTTP_ADDR ({public})"
             )
-    try:
-        retention = value("SESSION_RETENTION", parse_duration)
-        window = value("CONFIRM_IDEMPOTENCY_WINDOW", parse_duration)
-    except ValueError:
-        pass  # reported by the field check
-    else:
-        if retention < window:
-            problems[f"{ENV_PREFIX}SESSION_RETENTION"] = RETENTION_RULE
     problems.update(_redis_mode_problems(raw))
     workers = raw("WORKERS")
-    if workers.isdigit() and int(workers) > 1 and raw("REDIS_ADDR").lower().startswith("memory://"):
+    if workers.isdigit() and int(workers) > 1 and is_memory_store(raw("REDIS_ADDR")):
         problems[f"{ENV_PREFIX}WORKERS"] = (
-            f"must be 1 with {ENV_PREFIX}REDIS_ADDR=memory:// (the embedded store lives "
+            f"must be 1 with {ENV_PREFIX}REDIS_ADDR={MEMORY_STORE} (the embedded store lives "
             "in one process; workers share their state through Redis)"
         )
     return problems
@@ -367,8 +370,8 @@ def _redis_mode_problems(raw: Callable[[str], str]) -> dict[str, str]:
         )
     if mode not in ("sentinel", "cluster"):
         return problems  # standalone, or an unknown mode reported by the field check
-    if addr.lower().startswith("memory://"):
-        problems[f"{ENV_PREFIX}REDIS_MODE"] = "memory:// works only in standalone mode"
+    if is_memory_store(addr):
+        problems[f"{ENV_PREFIX}REDIS_MODE"] = f"{MEMORY_STORE} works only in standalone mode"
     elif "://" in addr:
         nodes = "sentinels" if mode == "sentinel" else "cluster nodes"
         problems[f"{ENV_PREFIX}REDIS_ADDR"] = (

@@ -68,6 +68,7 @@ from authsession.domain.units import (
     to_epoch_ms,
 )
 from authsession.projection_codec import SessionSnapshot, event_fields
+from authsession.wiring import Ports, build_services
 
 # The contract's defaults (CONTRACT §3).
 DEFAULT_RUNTIME = RuntimeConfig(
@@ -838,25 +839,20 @@ def make_world(
     failures = FakeFailureBudget(clock)
     projection = FakeProjection(clock)
     mail = FakeMail()
-    sessions = SessionService(
-        store=store,
-        projection=projection,
-        config=provider,
-        users=users,
-        blocks=store,
-        clock=clock,
-        fixed=fixed,
-    )
-    login = LoginService(
-        challenges=challenges,
-        throttle=throttle,
-        failures=failures,
-        sessions=sessions,
-        config=provider,
-        users=users,
-        mail=mail,
-        clock=clock,
-        fixed=fixed,
+    services = build_services(
+        Ports(
+            challenges=challenges,
+            throttle=throttle,
+            failures=failures,
+            store=store,
+            blocks=store,
+            projection=projection,
+            config=provider,
+            users=users,
+            mail=mail,
+        ),
+        clock,
+        fixed,
     )
     return FakeWorld(
         clock=clock,
@@ -870,8 +866,8 @@ def make_world(
         rate_limiter=FakeRateLimiter(clock),
         users=users,
         mail=mail,
-        sessions=sessions,
-        login=login,
+        sessions=services.sessions,
+        login=services.login,
     )
 
 

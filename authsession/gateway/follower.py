@@ -26,13 +26,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeAlias
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from authsession.aio import cancel_and_wait
+from authsession.clock import utc_now
 from authsession.gateway.subscription import OnEnd, SessionEnd, Subscription
 from authsession.projection_codec import (
     DEFAULT_EVENTS_STREAM,
@@ -158,7 +159,7 @@ class EventFollower:
         self._block_ms = block_ms
         self._count = count
         self._max_lag = max_lag
-        self._clock = clock or _utc_now
+        self._clock = clock or utc_now
         self._prune_interval = prune_interval
         self._retry_delays = retry_delays
         self._max_cached = max_cached
@@ -863,7 +864,3 @@ def _stream_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
             continue
         out.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
     return out
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)

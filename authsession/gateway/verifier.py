@@ -9,11 +9,12 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 from redis.asyncio import Redis
 
+from authsession.clock import utc_now
 from authsession.projection_codec import DEFAULT_KEY_PREFIX, SessionSnapshot, SnapshotError
 
 log = logging.getLogger("authsession.gateway")
@@ -121,7 +122,7 @@ class SessionVerifier:
     ) -> None:
         self._redis = redis
         self._key_prefix = key_prefix
-        self._clock = clock or _utc_now
+        self._clock = clock or utc_now
         self._cache = cache
         self._timeout = timeout
 
@@ -190,7 +191,3 @@ class SessionVerifier:
 
 def _is_hash_failure(result: Principal | Rejection) -> bool:
     return isinstance(result, Rejection) and result.reason == "verification_failed"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from authsession.redis.base import RedisClient
-from authsession.settings import Settings
+from authsession.settings import MEMORY_STORE, Settings
 
 log = logging.getLogger("authsession.redis")
 
@@ -63,7 +63,7 @@ def _memory_client() -> Redis:
     import fakeredis
 
     log.warning(
-        "REDIS_ADDR=memory:// uses an embedded in-process store: nothing is shared with "
+        f"REDIS_ADDR={MEMORY_STORE} uses an embedded in-process store: nothing is shared with "
         "gateways or other replicas and everything is lost at exit; for development only",
         extra={"component": "redis"},
     )

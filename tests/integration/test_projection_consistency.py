@@ -356,7 +356,7 @@ async def test_the_periodic_reconciler_repairs_drift_in_the_background(
             await asyncio.sleep(0.05)
     finally:
         for replica in replicas:
-            await replica.core.stop_background()
+            await replica.core.aclose()  # stops its jobs first; the fixture's close is a no-op
     held = snapshot(app, sid)
     assert held is not None
     assert (held["status"], held["revoke_reason"], held["version"]) == ("revoked", "source_lost", 2)

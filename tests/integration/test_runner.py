@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from authsession import runner
-from authsession.settings import Settings
+from authsession.settings import MEMORY_STORE, Settings
 from authsession.wiring import build_core
 from tests.support.net import free_port
 
@@ -18,7 +18,7 @@ async def test_a_listener_ending_without_a_signal_stops_the_other_and_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = Settings(  # type: ignore[call-arg]
-        REDIS_ADDR="memory://",
+        REDIS_ADDR=MEMORY_STORE,
         PUBLIC_HTTP_ADDR=f"127.0.0.1:{free_port()}",
         INTERNAL_HTTP_ADDR=f"127.0.0.1:{free_port()}",
     )

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from authsession.domain.units import RateLimit
-from authsession.settings import ConfigError, ListenAddress, Settings, load_settings
+from authsession.settings import (
+    RETENTION_RULE,
+    ConfigError,
+    ListenAddress,
+    Settings,
+    load_settings,
+)
 
 P = "AUTHSESSION_"
 
@@ -203,6 +209,21 @@ def test_session_retention_must_cover_the_idempotency_window(
     assert_single_line_naming(error, "SESSION_RETENTION")
     assert list(error.problems) == [P + "SESSION_RETENTION"]
     assert load(monkeypatch, SESSION_RETENTION="5m", CONFIRM_IDEMPOTENCY_WINDOW="5m")
+
+
+def test_the_retention_rule_is_reported_with_the_other_problems(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    error = problems(
+        monkeypatch, SESSION_RETENTION="1m", CONFIRM_IDEMPOTENCY_WINDOW="5m", REDIS_DB="x"
+    )
+    assert list(error.problems) == [P + "REDIS_DB", P + "SESSION_RETENTION"]
+    assert error.problems[P + "SESSION_RETENTION"] == RETENTION_RULE
+
+
+def test_the_retention_rule_waits_for_a_valid_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    error = problems(monkeypatch, SESSION_RETENTION="1m", CONFIRM_IDEMPOTENCY_WINDOW="5x")
+    assert list(error.problems) == [P + "CONFIRM_IDEMPOTENCY_WINDOW"]
 
 
 @pytest.mark.parametrize("text", ["10x", "10", "1d", "PT10M", "ten minutes", "1H", "-5s"])

@@ -36,9 +36,10 @@ from authsession.http.protocol import (
     descriptors_per_listener,
 )
 from authsession.http.public import create_public_app
+from authsession.listeners import bind_all, describe
 from authsession.redis.base import set_client_spans
 from authsession.resolved import log_resolved_config
-from authsession.settings import ListenAddress, Settings
+from authsession.settings import Settings
 from authsession.telemetry import Telemetry
 from authsession.wiring import Core, StartupCheckFailed, build_core
 
@@ -137,26 +138,6 @@ class _OncePerProcess(logging.Filter):
             return False
         self._seen.add(record.msg)
         return True
-
-
-def bind(address: ListenAddress) -> socket.socket:
-    """Bind a listening TCP socket (IPv6 when the host is an IPv6 literal)."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _bound(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def run(settings: Settings, inherited: Inherited | None = None) -> int:
@@ -311,20 +292,13 @@ async def _serve(core: Core, signals: _Signals, inherited: Inherited | None = No
         "public": (create_public_app(core), settings.PUBLIC_HTTP_ADDR),
         "internal": (create_internal_app(core), settings.INTERNAL_HTTP_ADDR),
     }
-    sockets: dict[str, socket.socket] = dict(inherited.sockets) if inherited else {}
-    for name, (_, address) in listeners.items():
-        if name in sockets:
-            continue
-        try:
-            sockets[name] = bind(address)
-        except OSError as exc:
-            for sock in sockets.values():
-                sock.close()
-            log.error(
-                "cannot open listener",
-                extra={"listener": name, "address": str(address), "cause": str(exc)},
-            )
-            return 1
+    bound = bind_all(
+        {name: address for name, (_, address) in listeners.items()},
+        bound=inherited.sockets if inherited else None,
+    )
+    if bound is None:
+        return 1
+    sockets = bound
 
     max_connections = connection_limit(settings.HTTP_MAX_CONNECTIONS, len(listeners))
     servers = {
@@ -347,7 +321,7 @@ async def _serve(core: Core, signals: _Signals, inherited: Inherited | None = No
         for name, server in servers.items():
             if server.started:
                 log.info(
-                    "listener opened", extra={"listener": name, "address": _bound(sockets[name])}
+                    "listener opened", extra={"listener": name, "address": describe(sockets[name])}
                 )
         if not all(s.started for s in servers.values()):
             for server in servers.values():

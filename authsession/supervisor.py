@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from authsession.aio import Stopped, unless_stopped
-from authsession.settings import ConfigError, ListenAddress, Settings, load_settings
+from authsession.listeners import bind_all, describe
+from authsession.settings import ConfigError, Settings, load_settings
 from authsession.telemetry import configure_logging
 
 log = logging.getLogger("authsession.supervisor")
@@ -200,7 +201,7 @@ class Supervisor:
                     "listener opened",
                     extra={
                         "listener": name,
-                        "address": _bound(self.sockets[name]),
+                        "address": describe(self.sockets[name]),
                         "workers": len(self.slots),
                     },
                 )
@@ -317,11 +318,6 @@ class Supervisor:
             sock.close()
 
 
-def _bound(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _describe(status: int) -> str:
     if status < 0:
         with contextlib.suppress(ValueError):
@@ -365,7 +361,10 @@ async def _parent(settings: Settings) -> int:
             return 0
         if status:
             return status
-        sockets = _bind_both(settings)
+        sockets = bind_all(
+            {"public": settings.PUBLIC_HTTP_ADDR, "internal": settings.INTERNAL_HTTP_ADDR},
+            listen=False,
+        )
         if sockets is None:
             return 1
         supervisor = Supervisor(settings, sockets)
@@ -400,43 +399,6 @@ async def _check_once(settings: Settings, stopped: asyncio.Event) -> int:
         telemetry.shutdown(settings.SHUTDOWN_TIMEOUT.total_seconds())
     log_resolved_config(settings)
     return 0
-
-
-def bind_unlistened(address: ListenAddress) -> socket.socket:
-    """Bind a TCP socket without listening: the first worker that serves calls ``listen``.
-
-    So the ports accept connections only once a worker can answer them (probes and
-    rolling deploys see the service as up when it is), yet the port is held from here on.
-    """
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _bind_both(settings: Settings) -> dict[str, socket.socket] | None:
-    sockets: dict[str, socket.socket] = {}
-    for name, address in (
-        ("public", settings.PUBLIC_HTTP_ADDR),
-        ("internal", settings.INTERNAL_HTTP_ADDR),
-    ):
-        try:
-            sockets[name] = bind_unlistened(address)
-        except OSError as exc:
-            for sock in sockets.values():
-                sock.close()
-            log.error(
-                "cannot open listener",
-                extra={"listener": name, "address": str(address), "cause": str(exc)},
-            )
-            return None
-    return sockets
 
 
 # --------------------------------------------------------------------------- a worker

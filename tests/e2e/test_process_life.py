@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -270,6 +271,31 @@ def test_both_listeners_open_and_stub_modes_warn(
     assert process.wait_exit() == 0
     assert_listeners_stopped(process)
     assert process.records("shutting down", signal="SIGTERM")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("taken", ["public", "internal"])
+def test_a_port_already_taken_exits_1_and_names_the_listener(
+    authsession_process: AuthsessionFactory, redis_server: RedisServer, taken: str, workers: str
+) -> None:
+    with socket.create_server((LOOPBACK, 0)) as holder:
+        port = holder.getsockname()[1]
+        variable = P + ("PUBLIC_HTTP_ADDR" if taken == "public" else "INTERNAL_HTTP_ADDR")
+        process = authsession_process(
+            {
+                P + "REDIS_ADDR": redis_server.addr,
+                P + "WORKERS": workers,
+                variable: f"{LOOPBACK}:{port}",
+            }
+        )
+        assert process.wait_exit() == 1, process.output_report()
+    failed = process.records("cannot open listener", listener=taken)
+    assert failed, process.output_report()
+    assert failed[0]["address"] == f"{LOOPBACK}:{port}"
+    assert "in use" in failed[0]["cause"].lower()
+    # The other port was bound first or not at all; either way it is free again.
+    other = process.public_port if taken == "internal" else process.internal_port
+    assert not port_accepts(other)
 
 
 def test_memory_store_mode_serves(authsession_process: AuthsessionFactory) -> None:

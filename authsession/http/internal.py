@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query
 
 from authsession.domain.codes import ID_PATTERN, USER_ID_PATTERN
 from authsession.domain.ports import Clock
-from authsession.domain.sessions import SessionService
+from authsession.domain.sessions import SessionService, StatusFilter
 from authsession.http.common import (
     ModelResponse,
     errors,
@@ -58,7 +58,7 @@ router = APIRouter()
 async def list_sessions(
     user_id: UserIdPath,
     state: Internal,
-    status: Annotated[Literal["active", "revoked", "expired", "all"], Query()] = "all",
+    status: Annotated[StatusFilter, Query()] = "all",
 ) -> ModelResponse:
     found = await state.sessions.list_sessions(user_id, status)
     now = state.clock.now()

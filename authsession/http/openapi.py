@@ -345,7 +345,7 @@ def generate() -> dict[str, dict[str, Any]]:
     """Both documents, keyed by file name."""
     from authsession.http.internal import create_internal_app
     from authsession.http.public import create_public_app
-    from authsession.settings import ListenAddress, Settings
+    from authsession.settings import MEMORY_STORE, ListenAddress, Settings
     from authsession.wiring import build_core
 
     # The stub and memory:// warnings of building a core are noise here; the level is put
@@ -354,7 +354,7 @@ def generate() -> dict[str, dict[str, Any]]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        core = build_core(Settings(REDIS_ADDR="memory://"))
+        core = build_core(Settings(REDIS_ADDR=MEMORY_STORE))
     finally:
         logger.setLevel(level)
 

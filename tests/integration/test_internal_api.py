@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from authsession.domain.errors import ServiceUnavailable, UserNotFound
-from authsession.domain.ports import UserResolution, UserStatus
+from authsession.domain.ports import UserStatus
 from authsession.domain.units import format_time, parse_time
 from authsession.services.users_stub import StubUserDirectory, stub_user_id
 from tests.contract import (
@@ -116,8 +116,8 @@ async def list_ids(app: AppEnv, user_id: str, status: str | None = None) -> list
 
 
 @dataclass
-class RecordingUsers:
-    """A user service fake: everyone exists; ``block`` is recorded and may fail.
+class RecordingUsers(StubUserDirectory):
+    """The stub user service, any user id existing; ``block`` is recorded and may fail.
 
     ``remember_blocks=False`` makes it forget blocks at once (resolve still says
     ``existing``), so only authsession's own memory of the block can stop a login.
@@ -129,16 +129,6 @@ class RecordingUsers:
     blocked: set[str] = field(default_factory=set)
     block_calls: list[tuple[str, str]] = field(default_factory=list)
     on_block: Any = None
-
-    def _resolve(self, email: str) -> UserResolution:
-        user_id = stub_user_id(email)
-        return UserResolution("blocked" if user_id in self.blocked else "existing", user_id)
-
-    async def resolve_by_email(self, email: str) -> UserResolution:
-        return self._resolve(email)
-
-    async def ensure(self, email: str) -> UserResolution:
-        return self._resolve(email)
 
     async def user_status(self, user_id: str) -> UserStatus | None:
         # With remember_blocks=False the user service forgets the block at once.

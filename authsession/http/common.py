@@ -98,16 +98,6 @@ def new_app(title: str, description: str) -> FastAPI:
     return app
 
 
-async def handler_state(request: Request) -> object:
-    """What the handlers of the app serving the request use: its ``app.state.handlers``.
-
-    Each app keeps one object there (``create_*_app``) and its handlers take it through
-    this one dependency, typed by their ``Annotated`` alias: FastAPI solves every
-    dependency of a route on every request, so one beats one per service.
-    """
-    return request.app.state.handlers
-
-
 async def object_or_no_body(request: Request) -> None:
     """Bodies of these operations are optional, but when present must be JSON objects.
 

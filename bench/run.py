@@ -7,7 +7,8 @@ load comes from this one process (raw asyncio keep-alive connections, bench/load
 its own CPU per request is printed for the floor and for each scenario, which shows
 whether it, rather than the server, was the limit (it is when its share is as high for
 the service as for the floor). One table: scenario, requests/s, p50, p99, ratio to the
-floor, Redis commands per request, client and server CPU per request; then the Redis
+floor, Redis commands per request (those inside scripts included), round trips to Redis
+per request (``total_reads_processed``), client and server CPU per request; then the Redis
 memory an active session keeps (``MEMORY USAGE`` of its keys).
 
     make bench                      # 5 s per scenario, 32 connections
@@ -57,6 +58,7 @@ class Result:
     p99_ms: float
     errors: int
     redis_calls: float = 0.0
+    round_trips: float = 0.0
     client_us: float = 0.0
     server_us: float = 0.0
 
@@ -70,6 +72,12 @@ def process_cpu(pid: int) -> float:
 def redis_calls(client: redis.Redis) -> int:
     stats: dict[str, Any] = client.info("commandstats")
     return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def redis_reads(client: redis.Redis) -> int:
+    """Read events Redis processed: one per round trip a client makes (a pipeline is one)."""
+    stats: dict[str, Any] = client.info("stats")
+    return int(stats.get("total_reads_processed", 0))
 
 
 async def drive(
@@ -101,6 +109,7 @@ async def drive(
                 errors += 1
 
     calls_before = redis_calls(redis_client) if redis_client is not None else 0
+    reads_before = redis_reads(redis_client) if redis_client is not None else 0
     client_before = resource.getrusage(resource.RUSAGE_SELF)
     server_before = process_cpu(server_pid) if server_pid else 0.0
     started = time.perf_counter()
@@ -109,6 +118,8 @@ async def drive(
     client_after = resource.getrusage(resource.RUSAGE_SELF)
     server_after = process_cpu(server_pid) if server_pid else 0.0
     calls = redis_calls(redis_client) - calls_before if redis_client is not None else 0
+    # Less the measurement's own INFO calls (the one above and this one's).
+    reads = redis_reads(redis_client) - reads_before - 2 if redis_client is not None else 0
     for connection in connections:
         await connection.close()
     latencies.sort()
@@ -124,6 +135,7 @@ async def drive(
         p99_ms=latencies[max(0, int(len(latencies) * 0.99) - 1)] if latencies else 0.0,
         errors=errors,
         redis_calls=calls / n,
+        round_trips=max(0, reads) / n,
         client_us=client_cpu / n * 1e6,
         server_us=(server_after - server_before) / n * 1e6,
     )
@@ -265,20 +277,23 @@ def table(bench: Bench, memory: list[str]) -> None:
     )
     header = (
         f"{'scenario':<28} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'x floor':>7} "
-        f"{'p99/floor':>9} {'redis/req':>9} {'client us':>9} {'server us':>9}  errors"
+        f"{'p99/floor':>9} {'redis/req':>9} {'trips/req':>9} {'client us':>9} "
+        f"{'server us':>9}  errors"
     )
     print(header)
     print("-" * len(header))
     for f in bench.floors:
         print(
             f"{f.name:<28} {f.rps:>7.0f} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
-            f"{f.rps / floor_rps:>7.2f} {f.p99_ms / floor_p99:>9.2f} {f.redis_calls:>9.2f} "
+            f"{f.rps / floor_rps:>7.2f} {f.p99_ms / floor_p99:>9.2f} "
+            f"{f.redis_calls:>9.2f} {f.round_trips:>9.2f} "
             f"{f.client_us:>9.0f} {f.server_us:>9.0f}  {f.errors}"
         )
     for r in bench.results:
         print(
             f"{r.name:<28} {r.rps:>7.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "
-            f"{r.rps / floor_rps:>7.2f} {r.p99_ms / floor_p99:>9.2f} {r.redis_calls:>9.2f} "
+            f"{r.rps / floor_rps:>7.2f} {r.p99_ms / floor_p99:>9.2f} "
+            f"{r.redis_calls:>9.2f} {r.round_trips:>9.2f} "
             f"{r.client_us:>9.0f} {r.server_us:>9.0f}  {r.errors}"
         )
     print(

@@ -525,6 +525,11 @@ class FakeFailureBudget(Faulty):
     ) -> str | None:
         """Drop what left the window; take a slot (a member) if fewer than ``limit`` are used."""
         await self._step("reserve")
+        return await self._reserve_one(subject, now, window, limit, scope)
+
+    async def _reserve_one(
+        self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope
+    ) -> str | None:
         email_hash = _scoped(subject, scope)
         now_ms = to_epoch_ms(now)
         window_ms = int(window.total_seconds() * 1000)
@@ -543,6 +548,21 @@ class FakeFailureBudget(Faulty):
             self._clock.now() + timedelta(milliseconds=window_ms),
         )
         return member
+
+    async def reserve_all(
+        self, subjects: Sequence[tuple[str, Scope]], now: datetime, window: timedelta, limit: int
+    ) -> list[tuple[str, str, Scope]] | None:
+        """A slot of each budget (one pipeline of the script), or none of them."""
+        await self._step("reserve")
+        taken: list[tuple[str, str, Scope]] = []
+        for subject, scope in subjects:
+            member = await self._reserve_one(subject, now, window, limit, scope)
+            if member is None:
+                for slot in taken:
+                    await self._release(*slot)
+                return None
+            taken.append((subject, member, scope))
+        return taken
 
     async def release_all(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
         """Remove several reserved members (one pipeline of ``ZREM``)."""

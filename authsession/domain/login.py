@@ -284,13 +284,9 @@ class LoginService:
         subjects: list[tuple[str, Scope]] = [(challenge.email_hash, "email")]
         if challenge.user_id is not None:
             subjects.append((challenge.user_id, "user"))
-        slots: list[tuple[str, str, Scope]] = []
-        for subject, scope in subjects:
-            slot = await self._failures.reserve(subject, now, window, limit, scope)
-            if slot is None:
-                await self._release_slots(slots)
-                raise TooManyAttempts()
-            slots.append((subject, slot, scope))
+        slots = await self._failures.reserve_all(subjects, now, window, limit)
+        if slots is None:
+            raise TooManyAttempts()
         return slots
 
     async def _release_slots(self, slots: list[tuple[str, str, Scope]]) -> None:

@@ -134,6 +134,13 @@ class FailureBudget(Component, Protocol):
         """
         ...
 
+    async def reserve_all(
+        self, subjects: Sequence[tuple[str, Scope]], now: datetime, window: timedelta, limit: int
+    ) -> list[tuple[str, str, Scope]] | None:
+        """One slot of each budget ``(subject, scope)`` at once: ``(subject, member, scope)``
+        per subject, or ``None`` when one of them is full (any slot taken is given back)."""
+        ...
+
     async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Give back a reserved slot."""
         ...

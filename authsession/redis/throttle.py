@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.ports import Scope
@@ -108,6 +113,81 @@ class RedisFailureBudget(RedisComponent):
         return member if reserved else None
 
     @redis_call
+    async def reserve_all(
+        self, subjects: Sequence[tuple[str, Scope]], now: datetime, window: timedelta, limit: int
+    ) -> list[tuple[str, str, Scope]] | None:
+        """Take a slot of each budget, in one round trip where the client can pipeline them.
+
+        The budgets are in different hash slots, so each is its own script call; a budget
+        found full gives back the slots the others took. redis-py refuses scripts in a
+        cluster pipeline, so on Cluster the calls go one after the other.
+        """
+        now_ms = to_epoch_ms(now)
+        args = [now_ms, int(window.total_seconds() * 1000), limit]
+        wanted = [(s, f"{now_ms}:{secrets.token_hex(6)}", scope) for s, scope in subjects]
+        if isinstance(self._redis, RedisCluster):
+            replies: list[Any] = []
+            try:
+                for subject, member, scope in wanted:
+                    replies.append(
+                        await self._reserve(keys=[self._key(subject, scope)], args=[*args, member])
+                    )
+                    if not int(replies[-1]):
+                        break
+            except RedisError:
+                await self._give_back(wanted, replies)
+                raise
+        else:
+            replies = await self._pipelined_reserve(wanted, args)
+        taken = [slot for slot, reply in zip(wanted, replies, strict=False) if int(reply)]
+        if len(taken) == len(wanted):
+            return taken
+        await self._give_back(wanted, replies)
+        return None
+
+    async def _give_back(
+        self, wanted: Sequence[tuple[str, str, Scope]], replies: list[Any]
+    ) -> None:
+        """Release the slots of ``wanted`` whose reply says they were taken (best effort)."""
+        taken = [slot for slot, reply in zip(wanted, replies, strict=False) if int(reply)]
+        if taken:
+            with contextlib.suppress(RedisError, OSError):
+                await self._release_each(taken)
+
+    async def _pipelined_reserve(
+        self, wanted: Sequence[tuple[str, str, Scope]], args: Sequence[int]
+    ) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for subject, member, scope in wanted:
+                pipe.evalsha(self._reserve.sha, 1, self._key(subject, scope), *args, member)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        failure: Exception | None = None
+        for index, ((subject, member, scope), reply) in enumerate(
+            zip(wanted, replies, strict=True)
+        ):
+            if isinstance(reply, NoScriptError):
+                # Redis no longer knows the script (a restart, SCRIPT FLUSH): the script
+                # object loads it again.
+                try:
+                    replies[index] = await self._reserve(
+                        keys=[self._key(subject, scope)], args=[*args, member]
+                    )
+                except RedisError as exc:
+                    failure, replies[index] = failure or exc, 0
+            elif isinstance(reply, Exception):
+                failure, replies[index] = failure or reply, 0
+        if failure is not None:
+            await self._give_back(wanted, replies)
+            raise failure
+        return replies
+
+    async def _release_each(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for subject, member, scope in slots:
+                pipe.zrem(self._key(subject, scope), member)
+            await pipe.execute()
+
+    @redis_call
     async def release(self, subject: str, member: str, scope: Scope = "email") -> None:
         """Give back a slot whose confirm turned out not to be a wrong code."""
         await self._redis.zrem(self._key(subject, scope), member)
@@ -115,10 +195,7 @@ class RedisFailureBudget(RedisComponent):
     @redis_call
     async def release_all(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
         """Give back several slots in one round trip (one pipeline, split by node)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for subject, member, scope in slots:
-                pipe.zrem(self._key(subject, scope), member)
-            await pipe.execute()
+        await self._release_each(slots)
 
 
 class RedisRateLimiter(RedisComponent):

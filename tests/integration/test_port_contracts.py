@@ -35,6 +35,7 @@ from authsession.domain.ports import (
     ProjectionPublisher,
     PublishResult,
     ResendThrottle,
+    Scope,
     SessionStore,
 )
 from authsession.domain.units import RateLimit, to_epoch_ms
@@ -87,6 +88,8 @@ class Ports:
     read_events: Callable[[], Awaitable[list[dict[str, str]]]]
     drop_session: Callable[[str], Awaitable[None]]
     read_index: Callable[[str], Awaitable[list[str]]]
+    # SCRIPT FLUSH, as after a restart of Redis (nothing to forget for the fakes).
+    forget_scripts: Callable[[], Awaitable[object]]
 
     @property
     def now(self) -> datetime:
@@ -122,6 +125,9 @@ def _fake_ports(clock: FixedClock) -> Ports:
     async def read_index(user_id: str) -> list[str]:
         return sorted(sessions.indexed(user_id))
 
+    async def forget_scripts() -> None:
+        return None
+
     return Ports(
         kind="fake",
         clock=clock,
@@ -135,6 +141,7 @@ def _fake_ports(clock: FixedClock) -> Ports:
         read_events=read_events,
         drop_session=drop_session,
         read_index=read_index,
+        forget_scripts=forget_scripts,
     )
 
 
@@ -168,6 +175,7 @@ def _redis_ports(clock: FixedClock, client: redis.asyncio.Redis) -> Ports:
         read_events=read_events,
         drop_session=drop_session,
         read_index=read_index,
+        forget_scripts=client.script_flush,
     )
 
 
@@ -955,6 +963,47 @@ async def test_failure_budget_reserve_drops_what_left_the_window(ports: Ports) -
     # covers t0 sees only the second one.
     assert await held(ports, "h1", t0 + timedelta(minutes=59)) == 1
     assert await held(ports, "h1", t0 + timedelta(minutes=61)) == 1
+
+
+async def test_reserve_all_takes_a_slot_of_each_budget(ports: Ports) -> None:
+    slots = await ports.failures.reserve_all(
+        [("h1", "email"), ("u1", "user")], ports.now, WINDOW, 2
+    )
+    assert slots is not None
+    assert [(subject, scope) for subject, _, scope in slots] == [("h1", "email"), ("u1", "user")]
+    assert await held(ports, "h1", ports.now) == 1
+    # The user's budget is its own key: the e-mail's probe does not see it.
+    again = await ports.failures.reserve_all([("u1", "user")], ports.now, WINDOW, 1)
+    assert again is None
+
+
+async def test_reserve_all_gives_back_what_it_took_when_one_budget_is_full(ports: Ports) -> None:
+    assert await ports.failures.reserve("u1", ports.now, WINDOW, 1, "user") is not None
+    slots = await ports.failures.reserve_all(
+        [("h1", "email"), ("u1", "user")], ports.now, WINDOW, 1
+    )
+    assert slots is None
+    assert await held(ports, "h1", ports.now) == 0  # the e-mail's slot was given back
+
+
+async def test_reserve_all_works_after_redis_forgot_its_scripts(ports: Ports) -> None:
+    assert await ports.failures.reserve("h1", ports.now, WINDOW, 5) is not None
+    await ports.forget_scripts()
+    slots = await ports.failures.reserve_all(
+        [("h1", "email"), ("u1", "user")], ports.now, WINDOW, 5
+    )
+    assert slots is not None
+    assert len(slots) == 2
+    assert await held(ports, "h1", ports.now) == 2
+
+
+async def test_concurrent_reserve_alls_never_exceed_either_limit(ports: Ports) -> None:
+    subjects: list[tuple[str, Scope]] = [("h1", "email"), ("u1", "user")]
+    results = await asyncio.gather(
+        *(ports.failures.reserve_all(subjects, ports.now, WINDOW, 3) for _ in range(20))
+    )
+    assert sum(r is not None for r in results) == 3
+    assert await held(ports, "h1", ports.now) == 3
 
 
 async def test_concurrent_failures_are_all_counted(ports: Ports) -> None:

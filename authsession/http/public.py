@@ -18,6 +18,7 @@ from authsession.gateway.asgi import bearer_token
 from authsession.http.common import (
     ModelResponse,
     errors,
+    handlers_of,
     new_app,
     object_or_no_body,
 )
@@ -51,16 +52,6 @@ class PublicState:
     """Seconds: ``SEND_EMAIL_CODE_MIN_DURATION``."""
 
 
-def public_state(request: Request) -> PublicState:
-    """What the handlers use, kept on ``app.state.handlers`` by ``create_*_app``.
-
-    A plain call rather than a FastAPI dependency: FastAPI solves dependencies on every
-    request, at a cost (some 40 µs here) the hot paths do not pay for a lookup.
-    """
-    state: PublicState = request.app.state.handlers
-    return state
-
-
 router = APIRouter()
 
 
@@ -71,7 +62,7 @@ router = APIRouter()
     summary="Mail a 6-digit login code",
 )
 async def send_email_code(body: SendEmailCodeRequest, request: Request) -> ModelResponse:
-    state = public_state(request)
+    state = handlers_of(request, PublicState)
     # The answer comes no sooner than the floor after the request arrived, whatever
     # the outcome (sent, suppressed, throttled, a failure), so its timing does not
     # tell a deliverable address from another. asyncio.sleep holds no worker and no
@@ -104,7 +95,7 @@ async def send_email_code(body: SendEmailCodeRequest, request: Request) -> Model
     summary="Check the code and create a device session (idempotent on retry)",
 )
 async def confirm(body: ConfirmRequest, request: Request) -> ModelResponse:
-    state = public_state(request)
+    state = handlers_of(request, PublicState)
     client = ClientInfo(
         ip=client_ip(request.scope, state.trusted_proxies),
         user_agent=request.headers.get("user-agent", "")[:MAX_USER_AGENT],
@@ -139,7 +130,7 @@ async def logout(
     body or ``{}``. A token that matches no session is ``401 unauthorized``, the same
     answer whether the session is unknown or the secret is wrong.
     """
-    state = public_state(request)
+    state = handlers_of(request, PublicState)
     session = await state.sessions.logout(bearer_token(authorization))
     return ModelResponse(
         LogoutResponse(device_session_id=session.device_session_id, status="revoked")

@@ -105,10 +105,9 @@ class RedisFailureBudget(RedisComponent):
         self, subject: str, now: datetime, window: timedelta, limit: int, scope: Scope = "email"
     ) -> str | None:
         """Take one slot of the budget (see ``scripts/failures_reserve.lua``)."""
-        member = f"{to_epoch_ms(now)}:{secrets.token_hex(6)}"
+        member = _member(now)
         reserved = await self._reserve(
-            keys=[self._key(subject, scope)],
-            args=[to_epoch_ms(now), int(window.total_seconds() * 1000), limit, member],
+            keys=[self._key(subject, scope)], args=[*_reserve_args(now, window, limit), member]
         )
         return member if reserved else None
 
@@ -118,68 +117,67 @@ class RedisFailureBudget(RedisComponent):
     ) -> list[tuple[str, str, Scope]] | None:
         """Take a slot of each budget, in one round trip where the client can pipeline them.
 
-        The budgets are in different hash slots, so each is its own script call; a budget
-        found full gives back the slots the others took. redis-py refuses scripts in a
-        cluster pipeline, so on Cluster the calls go one after the other.
+        The budgets are in different hash slots, so each is its own script call; when one
+        is full or a call fails, the slots the others took are given back. redis-py refuses
+        scripts in a cluster pipeline, so on Cluster the calls go one after the other.
         """
-        now_ms = to_epoch_ms(now)
-        args = [now_ms, int(window.total_seconds() * 1000), limit]
-        wanted = [(s, f"{now_ms}:{secrets.token_hex(6)}", scope) for s, scope in subjects]
+        args = _reserve_args(now, window, limit)
+        wanted = [(subject, _member(now), scope) for subject, scope in subjects]
         if isinstance(self._redis, RedisCluster):
-            replies: list[Any] = []
-            try:
-                for subject, member, scope in wanted:
-                    replies.append(
-                        await self._reserve(keys=[self._key(subject, scope)], args=[*args, member])
-                    )
-                    if not int(replies[-1]):
-                        break
-            except RedisError:
-                await self._give_back(wanted, replies)
-                raise
+            replies, failure = await self._reserve_in_turn(wanted, args)
         else:
-            replies = await self._pipelined_reserve(wanted, args)
-        taken = [slot for slot, reply in zip(wanted, replies, strict=False) if int(reply)]
-        if len(taken) == len(wanted):
+            replies, failure = await self._reserve_pipelined(wanted, args)
+        taken = [slot for slot, reply in zip(wanted, replies, strict=True) if reply]
+        if failure is None and len(taken) == len(wanted):
             return taken
-        await self._give_back(wanted, replies)
-        return None
-
-    async def _give_back(
-        self, wanted: Sequence[tuple[str, str, Scope]], replies: list[Any]
-    ) -> None:
-        """Release the slots of ``wanted`` whose reply says they were taken (best effort)."""
-        taken = [slot for slot, reply in zip(wanted, replies, strict=False) if int(reply)]
         if taken:
             with contextlib.suppress(RedisError, OSError):
                 await self._release_each(taken)
+        if failure is not None:
+            raise failure
+        return None
 
-    async def _pipelined_reserve(
-        self, wanted: Sequence[tuple[str, str, Scope]], args: Sequence[int]
-    ) -> list[Any]:
+    async def _reserve_in_turn(
+        self, wanted: Sequence[tuple[str, str, Scope]], args: list[int]
+    ) -> tuple[list[bool], RedisError | None]:
+        """Each reservation in its own call, stopping at the first full budget or failure."""
+        replies = [False] * len(wanted)
+        for index, (subject, member, scope) in enumerate(wanted):
+            try:
+                replies[index] = bool(
+                    await self._reserve(keys=[self._key(subject, scope)], args=[*args, member])
+                )
+            except RedisError as exc:
+                return replies, exc
+            if not replies[index]:
+                break
+        return replies, None
+
+    async def _reserve_pipelined(
+        self, wanted: Sequence[tuple[str, str, Scope]], args: list[int]
+    ) -> tuple[list[bool], RedisError | None]:
+        """Every reservation in one pipeline of ``EVALSHA``."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for subject, member, scope in wanted:
                 pipe.evalsha(self._reserve.sha, 1, self._key(subject, scope), *args, member)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        failure: Exception | None = None
-        for index, ((subject, member, scope), reply) in enumerate(
-            zip(wanted, replies, strict=True)
-        ):
+            raw: list[Any] = await pipe.execute(raise_on_error=False)
+        replies = [False] * len(wanted)
+        failure: RedisError | None = None
+        for index, ((subject, member, scope), reply) in enumerate(zip(wanted, raw, strict=True)):
             if isinstance(reply, NoScriptError):
                 # Redis no longer knows the script (a restart, SCRIPT FLUSH): the script
                 # object loads it again.
                 try:
-                    replies[index] = await self._reserve(
+                    reply = await self._reserve(
                         keys=[self._key(subject, scope)], args=[*args, member]
                     )
                 except RedisError as exc:
-                    failure, replies[index] = failure or exc, 0
-            elif isinstance(reply, Exception):
-                failure, replies[index] = failure or reply, 0
-        if failure is not None:
-            await self._give_back(wanted, replies)
-            raise failure
-        return replies
+                    reply = exc
+            if isinstance(reply, RedisError):
+                failure = failure or reply
+            else:
+                replies[index] = bool(reply)
+        return replies, failure
 
     async def _release_each(self, slots: Sequence[tuple[str, str, Scope]]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -216,3 +214,13 @@ class RedisRateLimiter(RedisComponent):
         if count <= limit.count:
             return None
         return max(1, math.ceil(((window + 1) * period_ms - now_ms) / 1000))
+
+
+def _member(now: datetime) -> str:
+    """A unique member of a failure budget, scored by ``now``."""
+    return f"{to_epoch_ms(now)}:{secrets.token_hex(6)}"
+
+
+def _reserve_args(now: datetime, window: timedelta, limit: int) -> list[int]:
+    """``failures_reserve.lua``'s ARGV but the member: now and window (ms), the limit."""
+    return [to_epoch_ms(now), int(window.total_seconds() * 1000), limit]

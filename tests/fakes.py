@@ -57,6 +57,7 @@ from authsession.domain.ports import (
     ExtendResult,
     LoginCodeMessage,
     PublishResult,
+    RevokedAll,
     Scope,
     UserResolution,
     UserStatus,
@@ -383,20 +384,23 @@ class FakeSessionStore(Faulty):
 
     async def revoke_all(
         self, user_id: str, reason: str, now: datetime, except_session_id: str | None
-    ) -> list[tuple[Session, bool]]:
+    ) -> RevokedAll:
         """``session_revoke_all.lua``: every indexed session but one, atomically."""
         await self._step("revoke_all")
         out: list[tuple[Session, bool]] = []
+        lost: list[str] = []
         index = self._index.get(user_id, {})
         for device_session_id in sorted(index, key=lambda i: (index[i], i), reverse=True):
             record: Session | None = self._records.get(device_session_id)
-            if record is None or device_session_id == except_session_id:
+            if device_session_id == except_session_id:
                 continue
-            if record.revoked_at is None:
+            if record is None:
+                lost.append(device_session_id)
+            elif record.revoked_at is None:
                 out.append((self._revoke_record(device_session_id, reason, now), True))
             else:
                 out.append((record, False))
-        return out
+        return RevokedAll(out, lost)
 
     async def get(self, device_session_id: str) -> Session | None:
         """The live record, or ``None``."""

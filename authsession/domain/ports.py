@@ -206,11 +206,12 @@ class SessionStore(Component, Protocol):
 
     async def revoke_all(
         self, user_id: str, reason: str, now: datetime, except_session_id: str | None
-    ) -> list[tuple[Session, bool]]:
+    ) -> RevokedAll:
         """Revoke all of a user's sessions but one, atomically.
 
         Every revoked session of the user (but the excluded one) with whether this call
-        revoked it, so that the caller can republish those whose snapshot lags.
+        revoked it, so that the caller can republish those whose snapshot lags, and the
+        indexed ids whose record is gone (their snapshot may still say active).
         """
         ...
 
@@ -219,6 +220,14 @@ class SessionStore(Component, Protocol):
     ) -> tuple[ExtendResult, Session | None]:
         """Move ``expires_at`` of an active session."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedAll:
+    """What a revoke-all found: the user's revoked sessions and the ids without a record."""
+
+    sessions: list[tuple[Session, bool]]
+    lost: list[str]
 
 
 class PublishResult(StrEnum):

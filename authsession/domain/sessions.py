@@ -210,7 +210,8 @@ class SessionService:
         """Revoke every session of a user but one; the ids this call revoked.
 
         Sessions revoked before are republished where their snapshot lags behind the
-        source of truth (a retry after a failed publication restores the projection).
+        source of truth (a retry after a failed publication restores the projection), and
+        an indexed session whose record is gone has a still-active snapshot revoked.
         """
         reason = _checked_reason(reason, RevokeReason.REVOKED_BY_BACKEND)
         outcome = await self._store.revoke_all(
@@ -218,7 +219,7 @@ class SessionService:
         )
         revoked: list[str] = []
         failure: ServiceUnavailable | None = None
-        for session, changed in outcome:
+        for session, changed in outcome.sessions:
             if changed:
                 self._revoked(session, reason)
                 revoked.append(session.device_session_id)
@@ -226,6 +227,11 @@ class SessionService:
                 await self.publish(session, "always" if changed else "if_needed")
             except ServiceUnavailable as exc:
                 # Publish the others anyway, then fail: the retry republishes what lags.
+                failure = failure or exc
+        for device_session_id in outcome.lost:
+            try:
+                await self._revoke_orphan(device_session_id)
+            except ServiceUnavailable as exc:
                 failure = failure or exc
         if failure is not None:
             raise failure
@@ -250,8 +256,14 @@ class SessionService:
             device_session_id, now + duration, now, self._fixed.session_retention
         )
         if result is ExtendResult.NOT_FOUND:
+            # The record may have been lost while its snapshot still says active.
+            await self._revoke_orphan(device_session_id)
             raise SessionNotFound()
         if result is ExtendResult.NOT_ACTIVE or session is None:
+            # Republish a revocation whose earlier publication may have failed.
+            revoked = await self._store.get(device_session_id)
+            if revoked is not None:
+                await self.publish(revoked, "if_needed")
             raise SessionRevoked()
         await self.publish(session)
         return session

@@ -16,7 +16,7 @@ from typing import Any
 
 from authsession.domain.errors import ServiceUnavailable
 from authsession.domain.model import Session
-from authsession.domain.ports import Clock, CreateOutcome, CreateResult, ExtendResult
+from authsession.domain.ports import Clock, CreateOutcome, CreateResult, ExtendResult, RevokedAll
 from authsession.domain.units import format_time, from_epoch_ms, parse_time, to_epoch_ms
 from authsession.projection_codec import snapshot_status
 from authsession.redis.base import (
@@ -183,7 +183,7 @@ class RedisSessionStore(RedisComponent):
     @redis_call
     async def revoke_all(
         self, user_id: str, reason: str, now: datetime, except_session_id: str | None
-    ) -> list[tuple[Session, bool]]:
+    ) -> RevokedAll:
         """See ``scripts/session_revoke_all.lua``."""
         index = self._keys.user_sessions(user_id)
         for _ in range(MAX_INDEX_RETRIES):
@@ -194,7 +194,10 @@ class RedisSessionStore(RedisComponent):
             )
             if str(reply[0]) == "retry":
                 continue
-            return [(session_from(pairs(r[1:])), int(r[0]) == 1) for r in reply[1:]]
+            sessions = [(session_from(pairs(r[1:])), int(r[0]) == 1) for r in reply[1:]]
+            found = {s.device_session_id for s, _ in sessions}
+            lost = [m for m in ids if m not in found and m != except_session_id]
+            return RevokedAll(sessions, lost)
         raise ServiceUnavailable("redis", "the user's session index kept changing")
 
     @redis_call

@@ -181,8 +181,8 @@ async def test_stream_deleted_and_recreated_under_the_follower(
 
 
 async def test_works_with_the_shipped_read_only_gateway_acl(tmp_path: Path) -> None:
-    # The `gateway` user of deploy/users.acl, as shipped: no INFO (it is @dangerous), so
-    # the run id is not checked, and everything else works.
+    # The `gateway` user of deploy/users.acl, as shipped (read-only, plus INFO for the
+    # run-id check): verification, subscriptions and reset detection all work with it.
     acl = (Path(__file__).resolve().parents[2] / "deploy" / "users.acl").read_text()
     line = next(x for x in acl.splitlines() if x.startswith("user gateway "))
     rules = [">test-pw" if r.startswith(">") else r for r in line.split()[2:]]

@@ -196,6 +196,70 @@ async def test_revoking_a_lost_session_takes_its_token_back(
     assert snapshot(app, sid) == held
 
 
+async def test_extending_a_session_whose_revocation_was_not_projected_republishes_it(
+    make_app: AppFactory, acl_user: AclUser, redis_server: RedisServer
+) -> None:
+    app = await make_app(redis_user=acl_user.credentials)
+    body = await login(app)
+    sid = body["device_session_id"]
+    acl_user.rules("resetkeys", "~authsession:*")
+    failed = await app.internal.post(f"{INTERNAL}/sessions/{sid}/revoke", json={})
+    assert failed.status_code == 503, failed.text
+    assert snapshot(app, sid)["status"] == "active"  # type: ignore[index]
+    acl_user.rules("resetkeys", "~*")
+
+    response = await app.internal.post(f"{INTERNAL}/sessions/{sid}/extend", json={})
+
+    assert response.status_code == 409, response.text
+    assert error_code(response) == "session_revoked"
+    held = snapshot(app, sid)
+    assert held is not None
+    assert (held["status"], held["version"]) == ("revoked", 2)
+    assert events(app, sid) == [("active", "1"), ("revoked", "2")]
+    assert await verify(redis_server, app, body["session_token"]) == Rejection("revoked")
+    # Extending again finds the projection current and appends nothing.
+    assert (await app.internal.post(f"{INTERNAL}/sessions/{sid}/extend")).status_code == 409
+    assert len(events(app, sid)) == 2
+
+
+async def test_extending_a_lost_session_takes_its_token_back(
+    make_app: AppFactory, redis_server: RedisServer
+) -> None:
+    app = await make_app()
+    body = await login(app)
+    sid = body["device_session_id"]
+    app.redis.delete(session_key(sid))
+
+    response = await app.internal.post(f"{INTERNAL}/sessions/{sid}/extend", json={})
+
+    assert response.status_code == 404
+    assert error_code(response) == "session_not_found"
+    held = snapshot(app, sid)
+    assert held is not None
+    assert (held["status"], held["revoke_reason"]) == ("revoked", "source_lost")
+    assert await verify(redis_server, app, body["session_token"]) == Rejection("revoked")
+
+
+@pytest.mark.parametrize("path", ["sessions/revoke", "block"])
+async def test_revoke_all_and_block_take_back_the_tokens_of_lost_records(
+    make_app: AppFactory, redis_server: RedisServer, path: str
+) -> None:
+    app = await make_app()
+    lost, kept = await login(app), await login(app)
+    app.redis.delete(session_key(lost["device_session_id"]))  # the index still lists it
+    user_id = stub_user_id(EMAIL)
+
+    response = await app.internal.post(f"{INTERNAL}/users/{user_id}/{path}", json={})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["revoked_session_ids"] == [kept["device_session_id"]]
+    held = snapshot(app, lost["device_session_id"])
+    assert held is not None
+    assert (held["status"], held["revoke_reason"]) == ("revoked", "source_lost")
+    for body in (lost, kept):
+        assert await verify(redis_server, app, body["session_token"]) == Rejection("revoked")
+
+
 # ------------------------------------------------------------------ the reconciler
 async def test_the_reconciler_reports_every_kind_of_drift_and_repairs_it(
     make_app: AppFactory,

@@ -134,17 +134,18 @@ class LoginService:
     ) -> ChallengeIssued:
         user = await self._users.resolve_by_email(email)
         user_id = user.user_id if user.outcome in ("existing", "blocked") else None
-        if user_id is None:
-            return await self._deliver_to(base, email, locale, user, signup_enabled)
         # The cooldown is the account's too: another spelling of the same user (plus-tags,
-        # dots) is throttled as well (CONTRACT §12/§5).
+        # dots) is throttled as well (CONTRACT §12/§5). An address without an account gets
+        # an account window keyed by its e-mail hash, so that every non-throttled outcome
+        # does the same Redis work and its timing tells nothing (§12/§3).
+        account = user_id or base.email_hash
         cooldown = self._fixed.resend_cooldown
-        if not await self._throttle.acquire(user_id, base.challenge_id, cooldown, "user"):
+        if not await self._throttle.acquire(account, base.challenge_id, cooldown, "user"):
             return await self._record(replace(base, user_id=user_id))
         try:
             return await self._deliver_to(base, email, locale, user, signup_enabled)
         except ServiceUnavailable:
-            await self._release_cooldown(user_id, base.challenge_id, "user")
+            await self._release_cooldown(account, base.challenge_id, "user")
             raise
 
     async def _deliver_to(

@@ -618,3 +618,33 @@ async def test_challenge_key_expires_at_expires_at_plus_retention(
     expected_ms = (deadline - datetime.now(UTC)).total_seconds() * 1000
     pttl = app.redis.pttl(challenge_key(body["challenge_id"]))
     assert abs(pttl - expected_ms) <= 2000, (pttl, expected_ms)
+
+
+async def test_existing_blocked_and_unknown_addresses_cost_the_same_redis_work(
+    make_app: AppFactory,
+) -> None:
+    # Timing must not tell the outcomes apart (CONTRACT §12/§3), so each non-throttled
+    # outcome sends Redis the same commands; only the mail call differs.
+    users = FakeUsers(
+        {"jane@example.com": "usr-jane", "bad@example.com": "usr-bad"}, blocked={"usr-bad"}
+    )
+    app = await make_app(users=users, mail=FakeMail(), SIGNUP_ENABLED=False)
+
+    def commands() -> dict[str, int]:
+        stats = cast(dict[str, dict[str, int]], app.redis.info("commandstats"))
+        return {name: int(v["calls"]) for name, v in stats.items()}
+
+    emails = ("jane@example.com", "bad@example.com", "nobody@example.com")
+    for email in emails:  # once to load the scripts, then with the windows cleared
+        assert (await app.public.post(SEND, json={"email": email})).status_code == 200
+    for key in app.redis.scan_iter("authsession:throttle*"):
+        app.redis.delete(key)
+    work = {}
+    for email in emails:
+        before = commands()
+        assert (await app.public.post(SEND, json={"email": email})).status_code == 200
+        after = commands()
+        work[email] = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k)}
+        work[email].pop("cmdstat_info", None)
+    assert work["bad@example.com"] == work["jane@example.com"]
+    assert work["nobody@example.com"] == work["jane@example.com"]

@@ -99,6 +99,7 @@ DOCUMENTED_DEFAULTS: dict[str, object] = {
     "HTTP_KEEPALIVE_TIMEOUT": timedelta(seconds=5),
     "HTTP_HEADER_TIMEOUT": timedelta(seconds=10),
     "HTTP_MAX_CONNECTIONS": 1000,
+    "SEND_EMAIL_CODE_MIN_DURATION": timedelta(milliseconds=250),
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
 }

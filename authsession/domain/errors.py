@@ -53,7 +53,7 @@ class InvalidCode(AuthSessionError):
 
 
 class Unauthorized(AuthSessionError):
-    """The internal API token is missing or wrong."""
+    """The bearer token (internal API token, or session token at logout) is not valid."""
 
     code = "unauthorized"
     default_message = "a valid bearer token is required"

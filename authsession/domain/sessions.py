@@ -193,7 +193,7 @@ class SessionService:
         presented = token_sha256(token) if token else _NO_TOKEN_HASH[::-1]
         matches = hmac.compare_digest(presented.encode(), expected.encode())
         if session is None or not matches:
-            raise Unauthorized("the session token is not valid")
+            raise Unauthorized()
         revoked, _ = await self._revoke_and_publish(session.device_session_id, RevokeReason.LOGOUT)
         return revoked
 

@@ -65,6 +65,10 @@ def _error(codes: str) -> dict[str, object]:
     return {"model": ErrorResponse, "description": codes, ERROR_CODES_KEY: error_codes(codes)}
 
 
+# The OpenAPI security scheme of the operations that take the session token as a bearer.
+SESSION_TOKEN_SCHEME = "sessionToken"  # noqa: S105 (a scheme name, no secret)
+
+
 def errors(*extra: tuple[int, str]) -> dict[int | str, dict[str, object]]:
     """``responses=`` for an operation: the common errors plus its own.
 

@@ -32,7 +32,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from authsession.domain import errors as domain_errors
-from authsession.http.common import ERROR_CODES_KEY, REQUEST_ID_HEADER_DOC, error_codes
+from authsession.http.common import (
+    ERROR_CODES_KEY,
+    REQUEST_ID_HEADER_DOC,
+    SESSION_TOKEN_SCHEME,
+    error_codes,
+)
 
 # Error codes the HTTP layer produces itself, beside the domain errors' (which are read
 # from authsession.domain.errors): code → (meaning, message as sent).
@@ -177,17 +182,31 @@ def contract_openapi(
         # Keep the document's key order readable: tags right after servers.
         schema = _reorder(schema, ["openapi", "info", "servers", "tags", "paths", "components"])
     components["headers"] = headers
+    if _uses_scheme(schema, SESSION_TOKEN_SCHEME):
+        components.setdefault("securitySchemes", {})[SESSION_TOKEN_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The `session_token` that confirm returned.",
+        }
     if bearer:
-        components["securitySchemes"] = {
-            "bearerAuth": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "Required on every request when AUTHSESSION_INTERNAL_API_TOKEN "
-                "is set; otherwise the listener trusts its network.",
-            }
+        components.setdefault("securitySchemes", {})["bearerAuth"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "Required on every request when AUTHSESSION_INTERNAL_API_TOKEN "
+            "is set; otherwise the listener trusts its network.",
         }
     _clean_markup(schema)
     return schema
+
+
+def _uses_scheme(schema: dict[str, Any], name: str) -> bool:
+    return any(
+        name in requirement
+        for path_item in schema.get("paths", {}).values()
+        for method, operation in path_item.items()
+        if method in _METHODS
+        for requirement in operation.get("security", [])
+    )
 
 
 def _reorder(document: dict[str, Any], order: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from authsession.domain.sessions import ClientInfo, SessionService
 from authsession.domain.units import format_time
 from authsession.gateway.asgi import bearer_token
 from authsession.http.common import (
+    SESSION_TOKEN_SCHEME,
     ModelResponse,
     errors,
     handlers_of,
@@ -118,6 +119,7 @@ async def confirm(body: ConfirmRequest, request: Request) -> ModelResponse:
     response_model=LogoutResponse,
     responses=errors((401, "unauthorized"), (429, "rate_limited")),
     summary="End the device session of the bearer session token",
+    openapi_extra={"security": [{SESSION_TOKEN_SCHEME: []}]},
 )
 async def logout(
     request: Request,

@@ -66,7 +66,7 @@ async def test_a_token_of_no_session_is_401_with_one_body(app: AppEnv, case: str
 
     assert response.status_code == 401
     assert error_code(response) == "unauthorized"
-    assert response.json()["error"]["message"] == "the session token is not valid"
+    assert response.json()["error"]["message"] == "a valid bearer token is required"
     assert response.headers["www-authenticate"].lower().startswith("bearer")
     assert app.redis.hget(session_key(sid), "status") == "active"
 

@@ -390,6 +390,24 @@ async def test_login_records_the_metrics(traced: TracedApp, recorded: Recorded) 
     )
 
 
+async def test_a_logout_is_counted_as_a_revocation_with_reason_logout(
+    traced: TracedApp, recorded: Recorded
+) -> None:
+    session = await login(traced, new_email())
+    before = recorded.value(REVOKED, reason="logout")
+    written_before = recorded.value(PUBLISHES, result="written")
+    headers = {"Authorization": f"Bearer {session['session_token']}"}
+
+    response = await traced.public.post("/api/v1/public/auth/logout", headers=headers)
+    assert response.status_code == 200, response.text
+    assert recorded.value(REVOKED, reason="logout") == before + 1
+    assert recorded.value(PUBLISHES, result="written") == written_before + 1
+    # A repeated logout revokes nothing more.
+    again = await traced.public.post("/api/v1/public/auth/logout", headers=headers)
+    assert again.status_code == 200
+    assert recorded.value(REVOKED, reason="logout") == before + 1
+
+
 async def test_internal_revocation_is_traced_and_counted(
     traced: TracedApp, recorded: Recorded
 ) -> None:

@@ -61,6 +61,21 @@ def test_internal_document_declares_the_optional_bearer_token() -> None:
             assert "401" in operation["responses"]
 
 
+def test_logout_declares_the_session_token_as_its_bearer() -> None:
+    document = yaml.safe_load((OPENAPI_DIR / "public.yaml").read_text(encoding="utf-8"))
+    assert document["components"]["securitySchemes"]["sessionToken"]["scheme"] == "bearer"
+    secured = {
+        path
+        for path, path_item in document["paths"].items()
+        for operation in path_item.values()
+        if operation.get("security")
+    }
+    assert secured == {"/api/v1/public/auth/logout"}
+    logout = document["paths"]["/api/v1/public/auth/logout"]["post"]
+    assert logout["security"] == [{"sessionToken": []}]
+    assert "internal API token is missing" not in json.dumps(logout["responses"]["401"])
+
+
 # --------------------------------------------------------------------------- for clients
 
 METHODS = {"get", "put", "post", "delete", "patch"}

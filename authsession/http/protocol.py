@@ -9,8 +9,12 @@ This subclass adds, per connection:
   connection opens, or the first byte of a following request on a kept-alive one, the
   request line, the headers and the body they announce must arrive within it, or the
   connection is closed;
-- a **connection limit** (``AUTHSESSION_HTTP_MAX_CONNECTIONS`` per listener): a
-  connection beyond it is answered ``503 service_unavailable`` at once and closed. Those
+- a **connection limit** (``AUTHSESSION_HTTP_MAX_CONNECTIONS`` per listener): when the
+  listener is full, a new connection takes the place of the one that has waited longest
+  (at least :data:`EVICTABLE_AFTER_SECONDS`) for its client to send a request, so slow
+  or idle clients cannot keep legitimate ones out; when every connection is busy with a
+  request or younger than that, the new one is answered ``503 service_unavailable`` at
+  once and closed. Those
   answers hold a descriptor for a moment too, so at most :func:`refusal_slots` of them
   are in flight; beyond that a new connection is reset at once. A listener therefore
   never holds more than :func:`descriptors_per_listener` sockets;
@@ -43,6 +47,13 @@ MAX_HEAD_BYTES = 64 * 1024
 # that closing it does not reset the connection before the client has read the 503.
 REFUSAL_LINGER_SECONDS = 1.0
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+# A connection that has waited this long for its client's request (an idle socket, slow
+# headers or body, an idle kept-alive one) may be closed to make room for a new one; the
+# oldest goes first. A legitimate client sends its request within half a round trip of
+# connecting and is then busy, so an attacker would have to replace the whole listener's
+# connections within that time (max_connections / 50 ms, 20,000 a second at the default)
+# to push it out, while slow and idle sockets are always the oldest.
+EVICTABLE_AFTER_SECONDS = 0.05
 
 
 def refusal_slots(max_connections: int) -> int:
@@ -68,6 +79,7 @@ class ConnectionLimits:
     max_connections: int
     refused: int = 0
     refusing: int = 0
+    evicted: int = 0
     _last_refusal_log: float = field(default=0.0, repr=False)
 
     @property
@@ -112,15 +124,46 @@ class ContractHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._refused = False
         self._answering_refusal = False
+        self._waiting_since = self.loop.time()
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Accept the connection, or answer 503 when the listener is full."""
-        if len(self.connections) >= self.limits.max_connections:
+        if len(self.connections) >= self.limits.max_connections and not self._evict_one():
             self._refuse(transport)
             return
         super().connection_made(transport)
         self._arm_deadline()
+
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for its request, if any may go."""
+        now = self.loop.time()
+        oldest: ContractHttpProtocol | None = None
+        for connection in self.connections:
+            if (
+                isinstance(connection, ContractHttpProtocol)
+                and connection._evictable(now)
+                and (oldest is None or connection._waiting_since < oldest._waiting_since)
+            ):
+                oldest = connection
+        if oldest is None:
+            return False
+        self.limits.evicted += 1
+        log.debug(
+            "closing a connection that waited longest for its request, to admit a new one",
+            extra={"listener": self.limits.listener, "evicted_total": self.limits.evicted},
+        )
+        oldest._cancel_deadline()
+        oldest.transport.close()
+        return True
+
+    def _evictable(self, now: float) -> bool:
+        if self._refused or self.transport is None or self.transport.is_closing():
+            return False
+        if now - self._waiting_since < EVICTABLE_AFTER_SECONDS:
+            return False
+        # Owes us (part of) a request, or idles kept-alive between requests.
+        return self._deadline is not None or (self._idle() and not self.pipeline)
 
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused = True
@@ -190,6 +233,11 @@ class ContractHttpProtocol(HttpToolsProtocol):
         self._count_head(len(name) + len(value) + 4)
         super().on_header(name, value)
 
+    def on_response_complete(self) -> None:
+        """The answer went out: an idle kept-alive connection waits from now."""
+        super().on_response_complete()
+        self._waiting_since = self.loop.time()
+
     def on_message_complete(self) -> None:
         """The whole request (headers and body) arrived in time."""
         super().on_message_complete()
@@ -244,6 +292,7 @@ class ContractHttpProtocol(HttpToolsProtocol):
 
     def _arm_deadline(self) -> None:
         self._cancel_deadline()
+        self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(self.limits.header_timeout, self._deadline_passed)
 
     def _cancel_deadline(self) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -12,9 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from authsession import __version__
 from authsession.cli import build_parser, main
+from authsession.domain.codes import new_session_id
 from tests.support.net import LOOPBACK
 from tests.support.process import AuthsessionFactory, authsession_script, base_env
 from tests.support.redis_server import RedisServer
@@ -273,3 +276,45 @@ def test_serving_logs_the_resolved_config_without_secrets_and_one_started_line(
     assert events.index("resolved config") < events.index("listener opened")
     for lifecycle in ("Started server process", "Finished server process"):
         assert len([e for e in events if e.startswith(lifecycle)]) == 1, events
+
+
+# --------------------------------------------------------------------------- projection
+def test_projection_check_finds_drift_repair_fixes_it_and_check_passes_again(
+    dedicated_redis: RedisServer,
+) -> None:
+    # A snapshot that still says active while its source record is gone (a lost write).
+    sid = new_session_id("usr-cli")
+    snapshot = {
+        "device_session_id": sid,
+        "user_id": "usr-cli",
+        "status": "active",
+        "token_sha256": "0" * 64,
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "expires_at": "2099-01-01T00:00:00.000Z",
+        "revoked_at": None,
+        "revoke_reason": None,
+        "version": 1,
+        "published_at": "2026-01-01T00:00:00.000Z",
+    }
+    client = redis.Redis(
+        host=dedicated_redis.host, port=dedicated_redis.port, decode_responses=True
+    )
+    client.set(f"gateway:session:{sid}", json.dumps(snapshot), ex=3600)
+    env = {"AUTHSESSION_REDIS_ADDR": dedicated_redis.addr}
+
+    found = run_script("projection", "check", env=env)
+    assert found.returncode == 1, found
+    assert "orphan 1" in found.stdout.splitlines()
+    assert "drift 1" in found.stdout.splitlines()
+    assert json.loads(client.get(f"gateway:session:{sid}"))["status"] == "active"
+
+    repaired = run_script("projection", "repair", env=env)
+    assert repaired.returncode == 0, repaired
+    assert "repaired 1" in repaired.stdout.splitlines()
+    held = json.loads(client.get(f"gateway:session:{sid}"))
+    assert (held["status"], held["revoke_reason"]) == ("revoked", "source_lost")
+
+    clean = run_script("projection", "check", env=env)
+    assert clean.returncode == 0, clean
+    assert "drift 0" in clean.stdout.splitlines()
+    client.close()
